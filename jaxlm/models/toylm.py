@@ -1,0 +1,191 @@
+"""ToyLM: the Crowfeather-50m / Shard-40m-v1 architecture (``specs/toylm.md``).
+
+A pre-norm decoder with tied embeddings, RMSNorm (weight ``w``), RoPE on Q and K,
+Gemma-style alternating sliding-window / global attention (last layer global),
+SwiGLU MLPs and a final-logit soft-cap. The conventions the upstream code never
+published (RoPE pairing and theta, which layer parity slides, the window edge,
+embedding scaling) are config fields whose defaults follow the spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm import config as C
+from jaxlm.errors import ConfigError
+from jaxlm.models import layers
+
+
+@dataclasses.dataclass
+class ToyLMConfig:
+    # Shape: the field names are the upstream ``Config``'s.
+    vocab_size: int = 8192
+    dim: int = 512
+    n_layers: int = 12
+    n_heads: int = 8
+    head_dim: int = 64
+    mlp_hidden: int = 2048
+    max_seq_len: int = 8192
+    attention_pattern: str = "gemma4"      # "gemma4" (alternating, last global) or "all_global"
+    sliding_window: int = 1024
+    lm_head_logit_cap: float = 30.0        # 0 disables the soft-cap
+    z_loss_weight: float = 1e-4
+    # Open conventions (not published upstream); defaults as in specs/toylm.md.
+    z_loss_form: str = "mean_sq"           # "mean_sq": mean(lse^2) (PaLM); "sq_mean": mean(lse)^2
+    rope_theta: float = 10000.0
+    rope_pairing: str = "rotate_half"      # or "interleaved"
+    sliding_parity: str = "even"           # which layer indices slide (the last layer never does)
+    window_includes_query: bool = True     # True: keys t-W+1..t; False: keys t-W..t
+    embed_scale: bool = False              # multiply embeddings by sqrt(dim)
+    norm_eps: float = 1e-5
+
+    family = "toylm"
+
+    def validate(self) -> None:
+        C.positive(self, "vocab_size", "dim", "n_layers", "n_heads", "head_dim", "mlp_hidden",
+                   "max_seq_len", "sliding_window", "rope_theta", "norm_eps")
+        C.non_negative(self, "lm_head_logit_cap", "z_loss_weight")
+        C.choice(self, "attention_pattern", ("gemma4", "all_global"))
+        C.choice(self, "z_loss_form", ("mean_sq", "sq_mean"))
+        C.choice(self, "rope_pairing", ("rotate_half", "interleaved"))
+        C.choice(self, "sliding_parity", ("even", "odd"))
+        path = getattr(self, "_config_path", "model.")
+        if self.n_heads * self.head_dim != self.dim:
+            raise ConfigError(
+                f"{path}n_heads * {path}head_dim = {self.n_heads} * {self.head_dim} = "
+                f"{self.n_heads * self.head_dim}: must equal {path}dim ({self.dim})")
+        if self.head_dim % 2:
+            raise ConfigError(f"{path}head_dim = {self.head_dim}: must be even for RoPE")
+        if self.sliding_window > self.max_seq_len:
+            raise ConfigError(
+                f"{path}sliding_window = {self.sliding_window}: must be <= {path}max_seq_len ({self.max_seq_len})")
+
+    # ---- the attention pattern
+
+    def layer_window(self, i: int) -> int | None:
+        """Keys visible to a query in layer i (``None``: global attention)."""
+        if self.attention_pattern == "all_global" or i == self.n_layers - 1:
+            return None
+        slides = (i % 2 == 0) if self.sliding_parity == "even" else (i % 2 == 1)
+        if not slides:
+            return None
+        return self.sliding_window if self.window_includes_query else self.sliding_window + 1
+
+    def layer_kinds(self) -> list[str]:
+        return ["global" if self.layer_window(i) is None else "sliding" for i in range(self.n_layers)]
+
+    # ---- counting
+
+    def param_count(self) -> int:
+        attn = 4 * self.dim * self.n_heads * self.head_dim
+        mlp = 3 * self.dim * self.mlp_hidden
+        norms = (2 * self.n_layers + 1) * self.dim
+        return self.vocab_size * self.dim + self.n_layers * (attn + mlp) + norms
+
+    def matmul_param_count(self) -> int:
+        """Parameters used in matmuls per token, including the tied output head."""
+        per_layer = 4 * self.dim * self.n_heads * self.head_dim + 3 * self.dim * self.mlp_hidden
+        return self.n_layers * per_layer + self.vocab_size * self.dim
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 N_matmul plus attention (forward + backward = 3x forward).
+
+        Attention forward per token and layer is 2 matmuls (QK^T, AV) x 2 FLOPs x heads x
+        head_dim x the mean number of keys a query sees: (T+1)/2 for causal global layers,
+        mean(min(t+1, W)) for sliding ones.
+        """
+        flops = 6.0 * self.matmul_param_count()
+        for i in range(self.n_layers):
+            flops += 12.0 * self.n_heads * self.head_dim * mean_keys_per_query(seq_len, self.layer_window(i))
+        return flops
+
+
+def mean_keys_per_query(seq_len: int, window: int | None) -> float:
+    """Average number of keys a causal query attends to, over positions 0..seq_len-1."""
+    if window is None or window >= seq_len:
+        return (seq_len + 1) / 2
+    full = window * (window + 1) / 2            # positions 0..W-1 see t+1 keys
+    return (full + (seq_len - window) * window) / seq_len
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ToyLMConfig, window: int | None, *, dtype, rngs: nnx.Rngs):
+        self.cfg, self.window = cfg, window
+        inner = cfg.n_heads * cfg.head_dim
+        self.q = layers.dense(cfg.dim, inner, ("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.k = layers.dense(cfg.dim, inner, ("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.v = layers.dense(cfg.dim, inner, ("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.o = layers.dense(inner, cfg.dim, ("heads", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_BTD, positions_BT):
+        cfg = self.cfg
+        B, T, _ = x_BTD.shape
+        split = lambda y: y.reshape(B, T, cfg.n_heads, cfg.head_dim)
+        q_BTHK, k_BTHK, v_BTHK = split(self.q(x_BTD)), split(self.k(x_BTD)), split(self.v(x_BTD))
+        q_BTHK = layers.rope(q_BTHK, positions_BT, theta=cfg.rope_theta, pairing=cfg.rope_pairing)
+        k_BTHK = layers.rope(k_BTHK, positions_BT, theta=cfg.rope_theta, pairing=cfg.rope_pairing)
+        out_BTHK = layers.causal_attention(q_BTHK, k_BTHK, v_BTHK, window=self.window)
+        return self.o(out_BTHK.reshape(B, T, -1))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ToyLMConfig, window: int | None, *, dtype, rngs: nnx.Rngs):
+        self.attn_norm = layers.RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, window, dtype=dtype, rngs=rngs)
+        self.mlp_norm = layers.RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = layers.SwiGLU(cfg.dim, cfg.mlp_hidden, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_BTD, positions_BT):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+
+class ToyLM(nnx.Module):
+    """``model(ids_BT)`` returns soft-capped float32 logits ``[B, T, vocab]``."""
+
+    def __init__(self, cfg: ToyLMConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg, self.dtype = cfg, dtype
+        self.embed = nnx.Embed(
+            cfg.vocab_size, cfg.dim, param_dtype=jnp.float32,
+            embedding_init=nnx.with_partitioning(nnx.initializers.normal(layers.INIT_STD), ("vocab", "embed")),
+            rngs=rngs)
+        self.blocks = nnx.List(
+            [Block(cfg, cfg.layer_window(i), dtype=dtype, rngs=rngs) for i in range(cfg.n_layers)])
+        self.final_norm = layers.RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def hidden(self, ids_BT, positions_BT=None):
+        """The final-normed residual stream ``[B, T, dim]``; ``logits`` maps it to the vocabulary.
+
+        The residual stream stays float32 (as under torch autocast); projections and
+        attention run in the compute dtype.
+        """
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
+        x_BTD = self.embed(ids_BT)
+        if self.cfg.embed_scale:
+            x_BTD = x_BTD * math.sqrt(self.cfg.dim)
+        for block in self.blocks:
+            x_BTD = block(x_BTD, positions_BT)
+        return self.final_norm(x_BTD)
+
+    def logits(self, x_BTD):
+        """Tied output head and soft-cap; float32 out, whatever the compute dtype."""
+        table_VD = self.embed.embedding[...].astype(self.dtype)
+        logits_BTV = jnp.einsum("btd,vd->btv", x_BTD.astype(self.dtype), table_VD,
+                                preferred_element_type=jnp.float32)
+        return softcap(logits_BTV, self.cfg.lm_head_logit_cap)
+
+    def __call__(self, ids_BT, positions_BT=None):
+        return self.logits(self.hidden(ids_BT, positions_BT))
+
+
+def softcap(logits, cap: float):
+    """Gemma-2 soft-cap ``cap * tanh(logits / cap)``; a cap of 0 leaves logits as they are."""
+    if not cap:
+        return logits
+    return cap * jnp.tanh(logits / cap)
