@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import sys
 import types
 import typing
 from typing import Any
@@ -62,8 +63,14 @@ class OptimConfig:
     nesterov: bool = True
     ns_steps: int = 5
     ns_coefficients: str = "quintic"   # named Newton-Schulz coefficient set
-    muon_scale: str = "toylm"          # toylm | llama_think | moonlight | none
+    # update scale: toylm max(1, fan_out/fan_in)**0.5 | llama_think sqrt(max/min side)
+    # | moonlight 0.2*sqrt(max side) | none
+    muon_scale: str = "toylm"
     muon_weight_decay: float = 0.0
+    ns_dtype: str = "float32"          # Newton-Schulz matmul dtype (bfloat16: faster, noisier)
+    # which leaves go where (regexes searched in the "/"-joined parameter path):
+    adamw_patterns: tuple[str, ...] = ("embed", "head")  # >= 2-D leaves sent to AdamW anyway
+    conv_patterns: tuple[str, ...] = ("conv",)           # conv kernels (..., K, C_in/g, C_out): one matrix
     # AdamW group: lr either absolute or as a ratio of the Muon lr
     adamw_lr: float | None = None
     adamw_lr_ratio: float = 0.25
@@ -84,32 +91,101 @@ class OptimConfig:
         _choice(self, "name", ("muon", "adamw"))
         _choice(self, "ns_coefficients", ("quintic", "polar_express", "cubic"))
         _choice(self, "muon_scale", ("toylm", "llama_think", "moonlight", "none"))
+        _choice(self, "ns_dtype", ("float32", "bfloat16"))
         _choice(self, "schedule", ("wsd", "cosine", "constant"))
         _choice(self, "decay_shape", ("linear", "cosine", "1-sqrt"))
         _positive(self, "lr", "ns_steps", "eps")
-        _non_negative(self, "warmup_steps", "weight_decay", "muon_weight_decay", "grad_clip")
+        _non_negative(self, "warmup_steps", "weight_decay", "muon_weight_decay", "grad_clip", "adamw_lr_ratio")
         _fraction(self, "momentum", "b1", "b2", "decay_fraction", "final_lr_fraction")
+        if self.ns_coefficients == "polar_express" and self.ns_steps > 5:  # a 5-row table
+            raise ConfigError(f"optim.ns_steps = {self.ns_steps}: ns_coefficients='polar_express' has 5 steps at most")
         if self.adamw_lr is not None and self.adamw_lr < 0:
             raise ConfigError(f"optim.adamw_lr = {self.adamw_lr}: must be >= 0 (or None to use adamw_lr_ratio)")
         if self.planned_steps is not None and self.planned_steps <= 0:
             raise ConfigError(f"optim.planned_steps = {self.planned_steps}: must be > 0 (or None for train.steps)")
 
 
+class DataSource(typing.NamedTuple):
+    """One corpus of a data mixture (see docs/DATA.md for the path forms).
+
+    A NamedTuple rather than a dataclass so that a config holding a mixture
+    stays plain JSON (it is written as a list) and comes back through
+    ``DataConfig.__post_init__``.
+    """
+
+    path: str                          # "pydoc", file, directory, glob, "hf://...", "tfds:name[/config]"
+    weight: float = 1.0                # share of the mixture's tokens (normalised over all sources)
+    kind: str = "auto"                 # auto | pydoc | text | jsonl | parquet | hf | tokens | array_record | tfds
+    text_column: str = ""              # field holding the text, or a "{a}\n{b}" template ("": data.text_column)
+    split: str = "train"               # TFDS split to read
+    token_dtype: str = ""              # pre-tokenized files: uint16 | uint32 ("": uint16 unless a header says)
+
+
+DATA_SOURCE_KINDS = ("auto", "pydoc", "text", "jsonl", "parquet", "hf", "tokens", "array_record", "tfds")
+
+
 @dataclasses.dataclass
 class DataConfig:
-    """Where the tokens come from; see ``jaxlm/data`` for the sources."""
+    """Where the tokens come from; see ``jaxlm/data`` and docs/DATA.md for the sources."""
 
-    source: str = "pydoc"              # "pydoc" (CPython's docs, no download) or a path/glob/spec
+    # One source ("pydoc": CPython's docs, no download; or a path/glob/"hf://"/"tfds:" spec),
+    # or a weighted mixture: (DataSource("a/*.parquet", 0.7), DataSource("b.jsonl", 0.3)).
+    source: str | tuple[DataSource, ...] = "pydoc"
     tokenizer: str = ""                # tokenizer.json path ("" : train one on the source, cached)
     vocab_size: int = 0                # size of a tokenizer trained here (0: model vocab)
+    eos_token: str = "<|endoftext|>"   # appended to every document; a special token of the tokenizer
+    special_tokens: tuple[str, ...] = ()   # further special tokens of a tokenizer trained here
+    tokenizer_train_docs: int = 100_000    # documents a tokenizer trained here sees (the cards: 100k)
     text_column: str = "text"
     heldout_fraction: float = 0.01     # documents kept out of training for evaluation
     num_workers: int = 0               # Grain worker processes (0: in-process)
+    read_threads: int = 4              # threads per process reading/tokenizing documents
+    shuffle_buffer: int = 10_000       # documents: window shuffle of streamed (parquet/hub) sources
+    tfds_data_dir: str = ""            # where "tfds:" sources live ("": <cache_dir>/tfds)
     cache_dir: str = "~/.cache/jaxlm"
 
+    def __post_init__(self) -> None:
+        self.source = _data_sources(self.source)
+
     def validate(self) -> None:
-        _non_negative(self, "vocab_size", "num_workers")
+        _non_negative(self, "vocab_size", "num_workers", "read_threads")
+        _positive(self, "tokenizer_train_docs", "shuffle_buffer")
         _fraction(self, "heldout_fraction")
+        if not self.eos_token:
+            _fail(self, "eos_token", "must name a special token, e.g. '<|endoftext|>'")
+        if isinstance(self.source, str):
+            if not self.source:
+                _fail(self, "source", "must name a source, e.g. 'pydoc' or 'data/*.parquet'")
+            return
+        if not self.source:
+            _fail(self, "source", "an empty mixture; give at least one DataSource")
+        for i, entry in enumerate(self.source):
+            where = f"{_section(self)}source[{i}]"
+            if not entry.path:
+                raise ConfigError(f"{where}.path is empty: name a file, directory, glob or 'pydoc'")
+            if not (isinstance(entry.weight, (int, float)) and entry.weight > 0):
+                raise ConfigError(f"{where}.weight = {entry.weight!r}: must be > 0")
+            if entry.kind not in DATA_SOURCE_KINDS:
+                raise ConfigError(f"{where}.kind = {entry.kind!r}: allowed: " + ", ".join(DATA_SOURCE_KINDS))
+            if entry.token_dtype not in ("", "uint16", "uint32"):
+                raise ConfigError(f"{where}.token_dtype = {entry.token_dtype!r}: allowed: '', 'uint16', 'uint32'")
+
+    @property
+    def sources(self) -> tuple[DataSource, ...]:
+        """The mixture, a single source being a mixture of one."""
+        return (DataSource(self.source),) if isinstance(self.source, str) else self.source
+
+
+def _data_sources(value: Any) -> Any:
+    """Bring mixture entries back to DataSource (JSON and CLI give lists/dicts)."""
+    if isinstance(value, DataSource):
+        return (value,)
+    if isinstance(value, (tuple, list)):
+        return tuple(entry if isinstance(entry, DataSource)
+                     else DataSource(**entry) if isinstance(entry, dict)
+                     else DataSource(*entry) if isinstance(entry, (tuple, list))
+                     else entry for entry in value)
+    return value
 
 
 @dataclasses.dataclass
@@ -284,7 +360,12 @@ def load_config(name: str, overrides: list[str] = ()) -> Config:
     path = find_config_file(name)
     spec = importlib.util.spec_from_file_location(f"jaxlm_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # A config may build on a sibling (shard.py starts from crowfeather.py).
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: a config file must define get_config() returning jaxlm.config.Config")
     cfg = module.get_config()

@@ -1,0 +1,88 @@
+"""The device mesh and the mapping of logical parameter axes onto it.
+
+Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameters and
+optimizer state sharded, ZeRO-3 style) and ``tensor`` (heads / MLP hidden split).
+Parameters name their axes logically (``embed``, ``heads``, ``mlp``, ``vocab``, ``norm``);
+``LOGICAL_RULES`` says which mesh axis each logical axis is split over. The batch is
+split over ``data`` x ``fsdp``. XLA's SPMD partitioner inserts all communication.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from jaxlm.config import MeshConfig
+from jaxlm.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES = {
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "norm": None,
+}
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+    """A mesh of all (or the given) devices; one axis may be -1 for "the rest".
+
+    Axis types are Auto: with Explicit axes, optax's Muon fails on sharded parameters.
+    """
+    devices = devices if devices is not None else jax.devices()
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ConfigError(f"mesh: {len(devices)} devices cannot be split with fixed axes of total size {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ConfigError(
+            f"mesh: data x fsdp x tensor = {'x'.join(map(str, sizes))} = {math.prod(sizes)}, "
+            f"but {len(devices)} devices are present; use -1 for one axis to take the rest")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(logical_axes, shape, mesh) -> P:
+    """Partition spec for one parameter; an axis whose size the mesh axis does not divide stays whole."""
+    spec = []
+    for name, size in zip(logical_axes, shape):
+        axis = LOGICAL_RULES.get(name)
+        if axis is not None and (size % mesh.shape[axis] or axis in spec):
+            axis = None
+        spec.append(axis)
+    return P(*spec)
+
+
+def state_shardings(abstract_state, mesh):
+    """NamedShardings for a pytree of nnx Variables (params) or plain arrays (replicated)."""
+    def variable_or_array(leaf):
+        # A Variable keeps its place in the tree (its value becomes the sharding), so that
+        # the result matches the state's structure; optimizer moments inherit the axes of
+        # their parameter this way, which is what makes FSDP shard them too.
+        axes = leaf.get_metadata().get("out_sharding") if isinstance(leaf, nnx.Variable) else None
+        def array(x):
+            spec = logical_to_spec(axes, x.shape, mesh) if axes and len(axes) == len(x.shape) else P()
+            return NamedSharding(mesh, spec)
+        return jax.tree.map(array, leaf)
+    return jax.tree.map(variable_or_array, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """Sequences split over data x fsdp; the time axis whole."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch(host_batch: np.ndarray, mesh, batch_axis: int = 0) -> jax.Array:
+    """Assemble this process's rows into one global array sharded over data x fsdp."""
+    spec = [None] * host_batch.ndim
+    spec[batch_axis] = BATCH_AXES
+    sharding = NamedSharding(mesh, P(*spec))
+    return jax.make_array_from_process_local_data(sharding, host_batch)

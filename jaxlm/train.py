@@ -1,0 +1,301 @@
+"""Pretraining: ``python -m jaxlm.train --config crowfeather.py [--config.train.steps=200] [--dry_run]``.
+
+The whole optimizer step (gradient accumulation over micro-batches, clipping, Muon +
+AdamW) is one jitted function over a pytree state ``{step, params, opt_state, rng}``
+whose buffers are donated. The model's graph is static; only its parameters flow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxlm import config as C
+from jaxlm import checkpoint, hardware, sharding
+from jaxlm.errors import JaxlmError
+from jaxlm.loss import lm_loss
+from jaxlm.models import build_model, family_of
+from jaxlm.monitor import Monitor
+from jaxlm.sampling import SamplingConfig
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summary(cfg: C.Config) -> str:
+    """Parameter count, FLOPs, attention layout and a memory estimate, without allocating weights."""
+    m, t = cfg.model, cfg.train
+    n_params = m.param_count()
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+    # float32 params + grads + two float32 optimizer moments (AdamW; Muon keeps one).
+    state_bytes = n_params * 4 * 4
+    act_dtype_bytes = 2 if t.compute_dtype == "bfloat16" else 4
+    logits_bytes = t.batch_size * (t.loss_chunk or t.seq_len) * m.vocab_size * 4
+    lines = [
+        f"family            {family_of(m)}",
+        f"parameters        {n_params:,}",
+        f"FLOPs per token   {m.flops_per_token(t.seq_len) / 1e6:,.1f} M (training, seq {t.seq_len})",
+        f"tokens per step   {tokens_per_step:,} ({t.batch_size} x {t.seq_len} x {t.grad_accum} accum)",
+        f"compute dtype     {t.compute_dtype} (float32 master weights)",
+        f"memory estimate   {state_bytes / 2**20:,.0f} MiB params+grads+optimizer, "
+        f"{logits_bytes / 2**20:,.0f} MiB float32 logits per micro-batch "
+        f"({act_dtype_bytes}-byte activations not counted)",
+    ]
+    if hasattr(m, "layer_kinds"):
+        kinds = m.layer_kinds()
+        lines.append("attention         " + " ".join(
+            f"{i}:{k}" + (f"({m.layer_window(i)})" if k == "sliding" else "") for i, k in enumerate(kinds)))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- state and step
+
+
+def compute_dtype(cfg: C.Config):
+    return jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32
+
+
+def make_model(cfg: C.Config, rng):
+    return build_model(cfg.model, rngs=nnx.Rngs(params=rng), dtype=compute_dtype(cfg))
+
+
+def init_state(cfg: C.Config, tx, rng):
+    params_rng, state_rng = jax.random.split(rng)
+    params = nnx.state(make_model(cfg, params_rng), nnx.Param)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": jax.random.key_data(state_rng)}
+
+
+def make_train_step(graphdef, tx, cfg: C.Config):
+    """One optimizer step over a ``[grad_accum, B, T+1]`` token batch."""
+
+    def loss_fn(params, tokens_BT1):
+        return lm_loss(nnx.merge(graphdef, params), tokens_BT1, chunk=cfg.train.loss_chunk)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, tokens_GBT1):
+        params = state["params"]
+
+        def micro_step(grads_sum, tokens_BT1):
+            (loss, metrics), grads = grad_fn(params, tokens_BT1)
+            return jax.tree.map(jnp.add, grads_sum, grads), (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads_sum, (losses, metrics) = jax.lax.scan(micro_step, zeros, tokens_GBT1)
+        grads = jax.tree.map(lambda g: g / tokens_GBT1.shape[0], grads_sum)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state, "rng": state["rng"]}
+        out = {"loss": jnp.mean(losses), "grad_norm": optax.global_norm(grads),
+               **{k: jnp.mean(v) for k, v in metrics.items()}}
+        return new_state, out
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    def eval_step(params, tokens_BT1):
+        loss, metrics = lm_loss(nnx.merge(graphdef, params), tokens_BT1)
+        return metrics["ce"]
+    return eval_step
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived; the loop stops at the next step boundary and saves."""
+
+
+def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
+    """Train ``cfg``; returns a dict with the final step, losses and output paths."""
+    from jaxlm import data  # the data stack (grain, tokenizers) is only needed to train
+    from jaxlm.optim import build_optimizer
+
+    t = cfg.train
+    mesh = sharding.make_mesh(cfg.mesh)
+    is_main = jax.process_index() == 0
+    ckpt = checkpoint.Checkpointer(cfg)
+    ckpt.check_config()
+    monitor = Monitor(ckpt.out_dir, t.steps, enabled=is_main)
+
+    tokenizer = data.load_tokenizer_for(cfg.data, vocab_size=cfg.model.vocab_size)
+    batch_rows = t.batch_size * t.grad_accum
+    iterator_args = dict(seq_len=t.seq_len, batch_size=batch_rows, seed=cfg.seed,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = data.make_batch_iterator(cfg.data, tokenizer, split="train", **iterator_args)
+
+    rng = jax.random.key(cfg.seed)
+    abstract_model = nnx.eval_shape(lambda: make_model(cfg, rng))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    tx, learning_rates = build_optimizer(cfg.optim, abstract_params, t.steps)
+    abstract_state = jax.eval_shape(lambda: init_state(cfg, tx, rng))
+    state_shardings = sharding.state_shardings(abstract_state, mesh)
+
+    with jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh:
+        start_step, state = ckpt.restore_latest(
+            jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         abstract_state, state_shardings),
+            train_iter, log=monitor.print)
+        if state is not None:
+            monitor.print(f"resumed from {ckpt.directory / str(start_step)}")
+        else:
+            start_step = 0
+            state = jax.jit(lambda r: init_state(cfg, tx, r), out_shardings=state_shardings)(rng)
+            if init_from:
+                raise JaxlmError("--init_from needs the torch_port converter (tools/torch_port), not installed yet")
+        monitor.advance(start_step)
+
+        step_fn = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=0,
+                          out_shardings=(state_shardings, None))
+        eval_fn = jax.jit(make_eval_step(graphdef))
+        flops_per_step = cfg.model.flops_per_token(t.seq_len) * t.batch_size * t.seq_len * t.grad_accum
+        peak = hardware.peak_flops_per_device()
+        unigram_counts = np.zeros(cfg.model.vocab_size, np.int64)
+
+        stop = _install_signal_handlers()
+        step = start_step
+        window_start, window_steps = time.perf_counter(), 0
+        metrics = None
+        while step < t.steps and not stop["now"]:
+            host_batch = next(train_iter)
+            if step < start_step + 50:  # a unigram baseline from the first batches' tokens
+                unigram_counts += np.bincount(host_batch[:, 1:].ravel(), minlength=cfg.model.vocab_size)
+            tokens = sharding.global_batch(
+                host_batch.reshape(t.grad_accum, -1, host_batch.shape[-1]), mesh, batch_axis=1)
+            state, metrics = step_fn(state, tokens)
+            step += 1
+            window_steps += 1
+            if step % t.log_every == 0 or step == t.steps:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_steps * t.batch_size * t.seq_len * t.grad_accum / elapsed
+                metrics["tokens_per_s"] = tokens_per_s
+                if peak:
+                    metrics["mfu"] = flops_per_step * window_steps / elapsed / (peak * jax.device_count())
+                for group, schedule in learning_rates.items():
+                    metrics[f"lr_{group}"] = float(schedule(step - 1))
+                if not all(math.isfinite(float(v)) for v in metrics.values()):
+                    raise JaxlmError(f"training diverged at step {step} (loss {metrics['loss']}); "
+                                     "lower optim.lr or raise optim.warmup_steps")
+                monitor.log(step, metrics)
+                window_start, window_steps = time.perf_counter(), 0
+            monitor.advance(step)
+            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                monitor.log(step, {"loss": evaluate(cfg, eval_fn, state, tokenizer, mesh)}, prefix="eval")
+            if ckpt.should_save(step):
+                ckpt.save(step, state, train_iter)
+
+        ckpt.save(step, state, train_iter)  # the final step, or the step at which a signal arrived
+        ckpt.wait()
+        result = {"step": step, "out_dir": str(ckpt.out_dir), "preempted": stop["now"]}
+        if not stop["now"]:
+            result["eval_loss"] = evaluate(cfg, eval_fn, state, tokenizer, mesh)
+            result["unigram_loss"] = unigram_baseline(cfg, unigram_counts, tokenizer)
+            monitor.log(step, {"loss": result["eval_loss"], "unigram_baseline": result["unigram_loss"]},
+                        prefix="eval")
+            if t.sample_prompt and is_main:
+                model = nnx.merge(graphdef, jax.device_get(state["params"]))
+                result["sample"] = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, cfg.seed)
+                monitor.print(f"sample: {t.sample_prompt}{result['sample']}")
+        else:
+            monitor.print(f"stopped by signal at step {step}; checkpoint saved, re-run the same command to resume")
+    ckpt.close()
+    png = monitor.close()
+    result["loss_png"] = str(png) if png else None
+    return result
+
+
+def _install_signal_handlers() -> dict:
+    """SIGTERM / SIGINT (preemption notices) ask the loop to stop after the current step."""
+    stop = {"now": False}
+
+    def handler(signum, frame):
+        if stop["now"]:           # a second Ctrl-C: leave at once
+            raise KeyboardInterrupt
+        stop["now"] = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    return stop
+
+
+def evaluate(cfg: C.Config, eval_fn, state, tokenizer, mesh) -> float:
+    """Mean cross-entropy over ``train.eval_batches`` held-out batches."""
+    from jaxlm import data
+    t = cfg.train
+    heldout = data.make_batch_iterator(cfg.data, tokenizer, split="heldout", seq_len=t.seq_len,
+                                       batch_size=t.batch_size, seed=cfg.seed,
+                                       process_index=jax.process_index(), process_count=jax.process_count())
+    losses = []
+    for _, batch in zip(range(t.eval_batches), heldout):
+        losses.append(float(eval_fn(state["params"], sharding.global_batch(batch, mesh))))
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def unigram_baseline(cfg: C.Config, counts: np.ndarray, tokenizer) -> float:
+    """Cross-entropy of held-out tokens under the training tokens' unigram distribution (add-one)."""
+    from jaxlm import data
+    probs = (counts + 1) / (counts.sum() + len(counts))
+    heldout = data.make_batch_iterator(cfg.data, tokenizer, split="heldout", seq_len=cfg.train.seq_len,
+                                       batch_size=cfg.train.batch_size, seed=cfg.seed)
+    tokens = np.concatenate([b[:, 1:].ravel() for _, b in zip(range(cfg.train.eval_batches), heldout)])
+    return float(-np.mean(np.log(probs[tokens])))
+
+
+def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
+    from jaxlm.generate import generate
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    ids = generate(model, tokenizer.encode(prompt).ids, max_new_tokens=max_new_tokens, seed=seed, eos_id=eos,
+                   sampling=SamplingConfig(temperature=0.8, top_p=0.9, repetition_penalty=1.3))
+    return tokenizer.decode(ids)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxlm.train",
+        description="Train a model. Override any config field with --config.SECTION.FIELD=VALUE.")
+    parser.add_argument("--config", required=True, help="config name in configs/ (e.g. crowfeather.py) or a path")
+    parser.add_argument("--dry_run", action="store_true", help="print the model summary and exit")
+    parser.add_argument("--init_from", help="initialise from a checkpoint (.pt, .safetensors or Orbax directory)")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r}; config fields are set as --config.train.steps=200")
+        overrides.append(item[len("--config."):])
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = C.load_config(args.config, overrides)
+        print(summary(cfg))
+        if args.dry_run:
+            return 0
+        result = train(cfg, init_from=args.init_from)
+    except JaxlmError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if "eval_loss" in result:
+        print(f"held-out loss {result['eval_loss']:.4f} (unigram baseline {result['unigram_loss']:.4f}); "
+              f"checkpoints in {result['out_dir']}/checkpoints; loss curve {result['loss_png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
