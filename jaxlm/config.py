@@ -421,8 +421,9 @@ def parse_value(text: str, expected: Any) -> Any:
     accepts_str = _matches("", expected)
     if accepts_str and not _matches(value, expected):
         return text          # e.g. a str field given "123"
-    if isinstance(value, int) and not isinstance(value, bool) and _matches(1.0, expected) and not _matches(1, expected):
-        return float(value)
+    declared = set(typing.get_args(expected)) or {expected}
+    if isinstance(value, int) and not isinstance(value, bool) and float in declared and int not in declared:
+        return float(value)  # "--config.optim.lr=1" means 1.0
     return value
 
 

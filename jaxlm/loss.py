@@ -30,7 +30,8 @@ def lm_loss(model, tokens_BT1, *, chunk: int = 0):
     ``chunk`` > 0 computes the logits ``chunk`` positions at a time.
     """
     cfg = model.cfg
-    inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+    # Padding (IGNORE_INDEX) may appear as an input too; any valid id stands in for it there.
+    inputs_BT, targets_BT = jnp.maximum(tokens_BT1[:, :-1], 0), tokens_BT1[:, 1:]
     hidden_BTD = model.hidden(inputs_BT)
     B, T, _ = hidden_BTD.shape
 
