@@ -16,7 +16,8 @@ class Monitor:
         self.enabled = enabled
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
-                             disable=not enabled, file=sys.stdout, mininterval=1.0)
+                             # None: no bar when stdout is not a terminal (CI logs, nohup)
+                             disable=None if enabled else True, file=sys.stdout, mininterval=1.0)
         self.writer = None
         if enabled:
             from tensorboardX import SummaryWriter  # imported here: only the writing process needs it
@@ -30,10 +31,11 @@ class Monitor:
             self.history.setdefault(f"{prefix}/{name}", []).append((step, float(value)))
             if self.writer:
                 self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
-        if self.enabled:
+        if self.enabled and prefix == "train":
             shown = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm", "tokens_per_s", "mfu")
                      or k.startswith("lr")}
             self.bar.set_postfix({k: _short(v) for k, v in shown.items()}, refresh=False)
+        if self.enabled:
             self.bar.write(f"{prefix} step {step}: " + "  ".join(f"{k} {_short(v)}" for k, v in metrics.items()))
 
     def print(self, text: str) -> None:

@@ -21,7 +21,9 @@ from jaxlm.errors import ConfigError
 from jaxlm.models import layers
 
 
-@dataclasses.dataclass
+# Hashable because the model keeps its config as static graph data, which jit hashes;
+# a config is only changed while it is being loaded, before any model is built.
+@dataclasses.dataclass(unsafe_hash=True)
 class ToyLMConfig:
     # Shape: the field names are the upstream ``Config``'s.
     vocab_size: int = 8192
