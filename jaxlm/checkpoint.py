@@ -36,11 +36,17 @@ class Checkpointer:
         self.cfg = cfg
         self.out_dir = pathlib.Path(cfg.out_dir).expanduser().resolve()
         self.directory = self.out_dir / "checkpoints"
+        if not cfg.resume and self.directory.exists() and jax.process_index() == 0:
+            # Starting over must not lose the old run: its checkpoints are moved aside.
+            aside = self.out_dir / time.strftime("checkpoints.before-%Y%m%d-%H%M%S")
+            self.directory.rename(aside)
+            print(f"resume=false: previous checkpoints moved to {aside}")
         ck = cfg.checkpoint
         options = ocp.CheckpointManagerOptions(
             max_to_keep=ck.keep,
             keep_period=ck.keep_every or None,
             enable_async_checkpointing=ck.async_save,
+            cleanup_tmp_directories=True,  # what a killed save left behind is never a checkpoint
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -118,3 +124,80 @@ def _flat_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(f"{prefix}{k}")
     return out
+
+
+# ------------------------------------------------------------------------ inference export
+
+
+def restore_run(run_dir: str | pathlib.Path, step: int | None = None):
+    """``(config, state)`` of a run directory's newest (or given) checkpoint, on one device."""
+    from jaxlm.models import config_from_dict
+    from jaxlm.state import plan_state
+    from jaxlm.sharding import make_mesh
+
+    run_dir = pathlib.Path(run_dir).expanduser().resolve()  # Orbax wants absolute paths
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a jaxlm run directory (no config.json)")
+    cfg = config_from_dict(json.loads(config_path.read_text()))
+    mesh = make_mesh(C.MeshConfig(data=1), devices=jax.devices()[:1])
+    plan = plan_state(cfg, mesh)
+    manager = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True))
+    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
+        raise CheckpointError(f"{run_dir / 'checkpoints'} holds no checkpoint")
+    with jax.set_mesh(mesh):
+        restored = manager.restore(steps[0], args=ocp.args.Composite(state=ocp.args.StandardRestore(plan.abstract)))
+    return cfg, restored["state"]
+
+
+def export_inference(run_dir: str | pathlib.Path, dst: str | pathlib.Path, *, dtype: str = "float32",
+                     step: int | None = None) -> pathlib.Path:
+    """Write parameters only (no optimizer state), as float32 or bfloat16, with config and tokenizer.
+
+    Layout: ``dst/params`` (Orbax), ``dst/config.json``, ``dst/tokenizer.json`` when the run has one.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    cfg, state = restore_run(run_dir, step)
+    params = nnx.to_pure_dict(state["params"])
+    if dtype == "bfloat16":
+        params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    elif dtype != "float32":
+        raise CheckpointError(f"export dtype {dtype!r}: allowed 'float32', 'bfloat16'")
+    dst = pathlib.Path(dst).expanduser().resolve()
+    if (dst / "params").exists():
+        raise CheckpointError(f"{dst / 'params'} already exists; choose a new destination")
+    dst.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(dst / "params", params)
+    (dst / "config.json").write_text(C.to_json(cfg))
+    tokenizer = pathlib.Path(run_dir) / "tokenizer.json"
+    if tokenizer.is_file():
+        (dst / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(prog="python -m jaxlm.checkpoint")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="parameters only, for jaxlm.load and python -m jaxlm.generate")
+    export.add_argument("run_dir")
+    export.add_argument("dst")
+    export.add_argument("--bf16", action="store_true", help="store bfloat16 weights (half the size)")
+    export.add_argument("--step", type=int, help="a given checkpoint step (default: the newest)")
+    args = parser.parse_args(argv)
+    try:
+        dst = export_inference(args.run_dir, args.dst, dtype="bfloat16" if args.bf16 else "float32", step=args.step)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported to {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

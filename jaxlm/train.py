@@ -23,9 +23,10 @@ from jaxlm import config as C
 from jaxlm import checkpoint, hardware, sharding
 from jaxlm.errors import JaxlmError
 from jaxlm.loss import lm_loss
-from jaxlm.models import build_model, family_of
+from jaxlm.models import family_of
 from jaxlm.monitor import Monitor
 from jaxlm.sampling import SamplingConfig
+from jaxlm.state import plan_state
 
 
 # --------------------------------------------------------------------------- summary
@@ -58,21 +59,6 @@ def summary(cfg: C.Config) -> str:
 
 
 # --------------------------------------------------------------------------- state and step
-
-
-def compute_dtype(cfg: C.Config):
-    return jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32
-
-
-def make_model(cfg: C.Config, rng):
-    return build_model(cfg.model, rngs=nnx.Rngs(params=rng), dtype=compute_dtype(cfg))
-
-
-def init_state(cfg: C.Config, tx, rng):
-    params_rng, state_rng = jax.random.split(rng)
-    params = nnx.state(make_model(cfg, params_rng), nnx.Param)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": jax.random.key_data(state_rng)}
 
 
 def make_train_step(graphdef, tx, cfg: C.Config):
@@ -120,7 +106,6 @@ class Preempted(Exception):
 def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
     """Train ``cfg``; returns a dict with the final step, losses and output paths."""
     from jaxlm import data  # the data stack (grain, tokenizers) is only needed to train
-    from jaxlm.optim import build_optimizer
 
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
@@ -130,38 +115,32 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
     monitor = Monitor(ckpt.out_dir, t.steps, enabled=is_main)
 
     tokenizer = data.load_tokenizer_for(cfg.data, vocab_size=cfg.model.vocab_size)
+    if is_main:  # kept with the run, so that jaxlm.load and the export find it
+        tokenizer.save(str(ckpt.out_dir / "tokenizer.json"))
     batch_rows = t.batch_size * t.grad_accum
     iterator_args = dict(seq_len=t.seq_len, batch_size=batch_rows, seed=cfg.seed,
                          process_index=jax.process_index(), process_count=jax.process_count())
     train_iter = data.make_batch_iterator(cfg.data, tokenizer, split="train", **iterator_args)
 
-    rng = jax.random.key(cfg.seed)
-    abstract_model = nnx.eval_shape(lambda: make_model(cfg, rng))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-    tx, learning_rates = build_optimizer(cfg.optim, abstract_params, t.steps)
-    abstract_state = jax.eval_shape(lambda: init_state(cfg, tx, rng))
-    state_shardings = sharding.state_shardings(abstract_state, mesh)
+    plan = plan_state(cfg, mesh)
+    graphdef, tx, learning_rates = plan.graphdef, plan.tx, plan.learning_rates
 
-    with jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh:
-        start_step, state = ckpt.restore_latest(
-            jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         abstract_state, state_shardings),
-            train_iter, log=monitor.print)
+    with jax.set_mesh(mesh):
+        start_step, state = ckpt.restore_latest(plan.abstract, train_iter, log=monitor.print)
         if state is not None:
             monitor.print(f"resumed from {ckpt.directory / str(start_step)}")
         else:
             start_step = 0
-            state = jax.jit(lambda r: init_state(cfg, tx, r), out_shardings=state_shardings)(rng)
+            state = plan.init(cfg)
             if init_from:
                 raise JaxlmError("--init_from needs the torch_port converter (tools/torch_port), not installed yet")
         monitor.advance(start_step)
 
         step_fn = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=0,
-                          out_shardings=(state_shardings, None))
+                          out_shardings=(plan.shardings, None))
         eval_fn = jax.jit(make_eval_step(graphdef))
         flops_per_step = cfg.model.flops_per_token(t.seq_len) * t.batch_size * t.seq_len * t.grad_accum
         peak = hardware.peak_flops_per_device()
-        unigram_counts = np.zeros(cfg.model.vocab_size, np.int64)
 
         stop = _install_signal_handlers()
         step = start_step
@@ -169,8 +148,6 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
         metrics = None
         while step < t.steps and not stop["now"]:
             host_batch = next(train_iter)
-            if step < start_step + 50:  # a unigram baseline from the first batches' tokens
-                unigram_counts += np.bincount(host_batch[:, 1:].ravel(), minlength=cfg.model.vocab_size)
             tokens = sharding.global_batch(
                 host_batch.reshape(t.grad_accum, -1, host_batch.shape[-1]), mesh, batch_axis=1)
             state, metrics = step_fn(state, tokens)
@@ -201,7 +178,7 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
         result = {"step": step, "out_dir": str(ckpt.out_dir), "preempted": stop["now"]}
         if not stop["now"]:
             result["eval_loss"] = evaluate(cfg, eval_fn, state, tokenizer, mesh)
-            result["unigram_loss"] = unigram_baseline(cfg, unigram_counts, tokenizer)
+            result["unigram_loss"] = unigram_baseline(cfg, tokenizer)
             monitor.log(step, {"loss": result["eval_loss"], "unigram_baseline": result["unigram_loss"]},
                         prefix="eval")
             if t.sample_prompt and is_main:
@@ -243,14 +220,19 @@ def evaluate(cfg: C.Config, eval_fn, state, tokenizer, mesh) -> float:
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def unigram_baseline(cfg: C.Config, counts: np.ndarray, tokenizer) -> float:
-    """Cross-entropy of held-out tokens under the training tokens' unigram distribution (add-one)."""
+def unigram_baseline(cfg: C.Config, tokenizer, train_batches: int = 50) -> float:
+    """Cross-entropy of held-out tokens under the unigram distribution of the first training
+    batches (add-one smoothed): what a model that ignores context would reach."""
     from jaxlm import data
+
+    def tokens(split, n):
+        batches = data.make_batch_iterator(cfg.data, tokenizer, split=split, seq_len=cfg.train.seq_len,
+                                           batch_size=cfg.train.batch_size, seed=cfg.seed)
+        return np.concatenate([b[:, 1:].ravel() for _, b in zip(range(n), batches)])
+
+    counts = np.bincount(tokens("train", train_batches), minlength=cfg.model.vocab_size)
     probs = (counts + 1) / (counts.sum() + len(counts))
-    heldout = data.make_batch_iterator(cfg.data, tokenizer, split="heldout", seq_len=cfg.train.seq_len,
-                                       batch_size=cfg.train.batch_size, seed=cfg.seed)
-    tokens = np.concatenate([b[:, 1:].ravel() for _, b in zip(range(cfg.train.eval_batches), heldout)])
-    return float(-np.mean(np.log(probs[tokens])))
+    return float(-np.mean(np.log(probs[tokens("heldout", cfg.train.eval_batches)])))
 
 
 def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
