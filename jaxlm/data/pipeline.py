@@ -21,8 +21,9 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, InterleaveIterDataset, WindowShuffleIterDataset
 
+from jaxlm.data import mixture
 from jaxlm.data import sources as src
-from jaxlm.data.tokenizer import check_tokenizer
+from jaxlm.data.tokenizer import check_tokenizer, plain_text_encoder
 from jaxlm.errors import ConfigError, DataError
 
 log = logging.getLogger("jaxlm.data")
@@ -66,10 +67,7 @@ def make_dataset(data_cfg, tokenizer, *, seq_len: int, batch_size: int, seed: in
     context = _Context(data_cfg, tokenizer, seq_len, seed, split, process_index, process_count)
     entries = data_cfg.sources
     windows = [_source_windows(context, entry, i) for i, entry in enumerate(entries)]
-    if len(windows) == 1:
-        ds = windows[0]
-    else:
-        ds = grain.IterDataset.mix(windows, [entry.weight for entry in entries])
+    ds = mixture.mix(windows, [entry.weight for entry in entries], [entry.path for entry in entries])
     ds = ds.batch(batch_size // process_count, drop_remainder=True)
     if data_cfg.num_workers > 0:
         _absl_flags_at_defaults()
@@ -124,6 +122,10 @@ def _source_windows(ctx: _Context, entry, index: int) -> grain.IterDataset:
 def _random_access_documents(ctx: _Context, resolved: src.Documents, index: int) -> grain.IterDataset:
     reader = resolved.reader
     if resolved.tokenized:
+        made_for = getattr(reader, "vocab_size", None)  # recorded by our TFDS builder
+        if made_for and made_for > ctx.vocab_size:
+            raise DataError(f"data source {resolved.name}: tokenized with a {made_for}-token vocabulary, "
+                            f"the tokenizer in use has {ctx.vocab_size}; set data.tokenizer to the one it was made with")
         reader = _CheckedTokens(reader, ctx.vocab_size, ctx.eos_id)
     chosen = split_indices(len(reader), ctx.cfg.heldout_fraction, ctx.split, resolved.name)
     docs = grain.MapDataset.source(reader if chosen is None else _Subset(reader, chosen))
@@ -249,8 +251,7 @@ class Encode:
         if self._tokenizer is None:
             from tokenizers import Tokenizer
 
-            self._tokenizer = Tokenizer.from_str(self._json)
-            self._tokenizer.encode_special_tokens = True
+            self._tokenizer = plain_text_encoder(Tokenizer.from_str(self._json))
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         tokens = np.empty(len(ids) + 1, np.int32)
         tokens[:-1] = ids

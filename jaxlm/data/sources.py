@@ -35,7 +35,7 @@ from jaxlm.errors import ConfigError, DataError
 log = logging.getLogger("jaxlm.data")
 
 PYDOC = "pydoc"
-HUB_PREFIX = "hf://"
+HUB_PREFIXES = ("hf://", "hf:")  # "hf://org/name" or the shorter "hf:org/name"
 TFDS_PREFIX = "tfds:"
 # Offline machines may mirror hub datasets as <mirror>/<org>/<name>/...; hf:// specs then read there.
 HUB_MIRROR_ENV = "JAXLM_HUB_MIRROR"
@@ -91,7 +91,7 @@ def resolve(entry, data_cfg) -> Documents | StreamedDocuments | TokenStream:
         return Documents(PYDOC, PydocTopics())
     if kind == "pydoc":
         raise ConfigError(f"data source {path!r}: kind 'pydoc' takes the path 'pydoc'")
-    if path.startswith(HUB_PREFIX) or kind == "hf":
+    if path.startswith(HUB_PREFIXES) or kind == "hf":
         files, filesystem = hub_parquet_files(path)
         return StreamedDocuments(path, files, column, filesystem)
     if path.startswith(TFDS_PREFIX) or kind == "tfds":
@@ -283,7 +283,7 @@ class JsonLines:
             decode_utf8(raw, where)
             raise
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: a JSON {type(record).__name__}, expected an object with {self.column!r}")
         return text_of(record, self.column, where)
@@ -363,7 +363,8 @@ def hub_parquet_files(spec: str, filesystem=None) -> tuple[list[str], Any]:
     its README.md, train split) are used, else every Parquet file of the repository. Returns
     the files and a pyarrow filesystem to read them through (None for local files).
     """
-    repo, _, sub = spec.removeprefix(HUB_PREFIX).removeprefix("datasets/").partition("/")
+    bare = spec.removeprefix(HUB_PREFIXES[0]) if spec.startswith(HUB_PREFIXES[0]) else spec.removeprefix(HUB_PREFIXES[1])
+    repo, _, sub = bare.removeprefix("datasets/").partition("/")
     name, _, sub = sub.partition("/")
     if not repo or not name:
         raise ConfigError(f"data source {spec!r}: expected hf://org/name[@revision][/dir-or-glob]")
@@ -475,7 +476,7 @@ def fingerprint(data_cfg) -> list:
         if entry.path == PYDOC:
             text = "\x00".join(PydocTopics()._texts)
             item["pydoc"] = hashlib.sha256(text.encode()).hexdigest()
-        elif not (entry.path.startswith(HUB_PREFIX) or entry.path.startswith(TFDS_PREFIX)):
+        elif not entry.path.startswith(HUB_PREFIXES + (TFDS_PREFIX,)):
             files, _ = local_files(entry.path, entry.kind)
             item["files"] = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
         out.append(item)

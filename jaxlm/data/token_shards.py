@@ -177,10 +177,12 @@ def _check_fits(tokens: np.ndarray, dtype: str, path: str) -> None:
 def encode_to_file(data_cfg, tokenizer, eos_token: str, out: str, dtype: str = "uint16", limit: int = 0):
     """Tokenize a source's documents (in order) into a flat file or an ArrayRecord file."""
     from jaxlm.data import sources
+    from jaxlm.data.tokenizer import plain_text_encoder
 
     eos = tokenizer.token_to_id(eos_token)
     if eos is None:
         raise DataError(f"tokenizer has no token {eos_token!r} to end documents with")
+    tokenizer = plain_text_encoder(tokenizer)
     texts = sources.training_texts(data_cfg, limit or 2**62)
     docs = (np.asarray(enc.ids) for enc in _encode_batches(tokenizer, texts))
     if sources.kind_of_file(out) == "array_record":

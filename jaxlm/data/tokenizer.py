@@ -77,6 +77,19 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None, eos_t
     return tokenizer
 
 
+def plain_text_encoder(tokenizer):
+    """A copy that encodes special-token strings inside a document as plain text.
+
+    A web page that happens to contain "<|endoftext|>" must not end its document early.
+    (``tokenizers`` forgets this setting when pickled, so copy it where it is used.)
+    """
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.encode_special_tokens = True
+    return copy
+
+
 def check_tokenizer(tokenizer, name: str, vocab_size: int | None, eos_token: str | None) -> None:
     """The model must have an embedding row for every id the tokenizer can produce."""
     size = tokenizer.get_vocab_size(with_added_tokens=True)

@@ -1,0 +1,201 @@
+"""TFDS: prepare a corpus into tokenized ArrayRecord shards once, read any prepared dataset back.
+
+    python -m jaxlm.data.tfds_builder --source data/fineweb-edu --tokenizer tokenizer.json \\
+        --name fineweb_edu --data-dir ~/tensorflow_datasets
+
+writes ``<data-dir>/jaxlm_tokenized/fineweb_edu/1.0.0/*.array_record-*`` (one example per
+document, ``{"tokens": uint16|uint32[n]}`` without EOS), which a config then names as
+``DataSource("tfds:jaxlm_tokenized/fineweb_edu")`` with ``data.tfds_data_dir``. Reading goes
+through ``tfds.data_source`` and needs neither TensorFlow nor this builder class: any dataset
+prepared as ArrayRecord in a ``data_dir`` can be named the same way (``tfds:name[/config][:version]``),
+with a ``tokens`` feature or a text feature (``text_column``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import sys
+
+import numpy as np
+
+from jaxlm.errors import DataError, JaxlmError
+
+log = logging.getLogger("jaxlm.data")
+
+BUILDER_NAME = "jaxlm_tokenized"
+TOKENS = "tokens"
+
+
+def _tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DataError("TFDS sources need tensorflow-datasets (pip install 'jaxlm[tfds]')") from None
+    return tfds
+
+
+def _builder_class():
+    """Defined on first use, so that importing jaxlm.data does not import TFDS."""
+    tfds = _tfds()
+
+    @dataclasses.dataclass
+    class TokenizedConfig(tfds.core.BuilderConfig):
+        source: str = ""
+        kind: str = "auto"
+        text_column: str = "text"
+        tokenizer: str = ""
+        dtype: str = "uint16"
+        max_docs: int = 0
+
+    class JaxlmTokenized(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        """A jaxlm source tokenized once: one example per document, ids without EOS."""
+
+        VERSION = tfds.core.Version("1.0.0")
+        name = BUILDER_NAME
+        # Nothing is downloaded, so there is no checksums file to find next to the code; looking
+        # for it needs the importlib_resources backport in TFDS 4.9.10.
+        code_path = None
+
+        def _info(self):
+            cfg = self.builder_config
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=f"{cfg.source} tokenized with {os.path.basename(cfg.tokenizer)}",
+                features=tfds.features.FeaturesDict({TOKENS: tfds.features.Tensor(
+                    shape=(None,), dtype=np.dtype(cfg.dtype), encoding=tfds.features.Encoding.ZLIB)}),
+                metadata=tfds.core.MetadataDict(**self._tokenizer_metadata()),
+            )
+
+        def _tokenizer_metadata(self) -> dict:
+            from jaxlm.data.tokenizer import load_tokenizer
+
+            cfg = self.builder_config
+            tokenizer = load_tokenizer(cfg.tokenizer, eos_token=None)
+            with open(os.path.expanduser(cfg.tokenizer), "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            return {"source": cfg.source, "tokenizer_sha256": digest,
+                    "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True)}
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            from jaxlm.config import DataConfig, DataSource
+            from jaxlm.data import sources, token_shards
+            from jaxlm.data.tokenizer import load_tokenizer, plain_text_encoder
+
+            cfg = self.builder_config
+            data_cfg = DataConfig(source=DataSource(cfg.source, kind=cfg.kind), text_column=cfg.text_column)
+            tokenizer = plain_text_encoder(load_tokenizer(cfg.tokenizer, eos_token=None))
+            limit = np.iinfo(np.dtype(cfg.dtype)).max
+            texts = sources.training_texts(data_cfg, cfg.max_docs or 2**62)
+            for index, encoding in enumerate(token_shards._encode_batches(tokenizer, texts)):
+                tokens = np.asarray(encoding.ids)
+                if tokens.size and tokens.max() > limit:
+                    raise DataError(f"{cfg.source}: token id {tokens.max()} does not fit {cfg.dtype}; use uint32")
+                yield index, {TOKENS: tokens.astype(cfg.dtype)}
+
+    return JaxlmTokenized, TokenizedConfig
+
+
+def prepare(source: str, tokenizer: str, name: str, data_dir: str, *, kind: str = "auto",
+            text_column: str = "text", max_docs: int = 0, overwrite: bool = False) -> str:
+    """Tokenize ``source`` into ``data_dir/jaxlm_tokenized/<name>``; returns the ``tfds:`` spec."""
+    tfds = _tfds()
+    from jaxlm.data.tokenizer import load_tokenizer
+
+    if not re.fullmatch(r"[a-z0-9_\-.]+", name):
+        raise DataError(f"TFDS name {name!r}: use lower-case letters, digits, '_', '-' and '.'")
+    vocab = load_tokenizer(tokenizer, eos_token=None).get_vocab_size(with_added_tokens=True)
+    builder_cls, config_cls = _builder_class()
+    config = config_cls(name=name, source=source, kind=kind, text_column=text_column, tokenizer=tokenizer,
+                        dtype="uint16" if vocab <= 2**16 else "uint32", max_docs=max_docs)
+    builder = builder_cls(config=config, data_dir=os.path.expanduser(data_dir), file_format="array_record")
+    mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    return f"tfds:{BUILDER_NAME}/{name}"
+
+
+class TfdsRecords:
+    """Random access to a prepared TFDS dataset: token arrays (``tokens``) or texts (``column``)."""
+
+    def __init__(self, name: str, split: str, data_dir: str, column: str):
+        self.name, self.split, self.data_dir, self.column = name, split, data_dir, column
+        source = self._open()
+        self._length = len(source)
+        features = source.dataset_info.features
+        self.tokenized = TOKENS in features
+        if not self.tokenized and not _template_fields(column) <= set(features):
+            raise DataError(f"tfds:{name}: no {column!r} feature; features: {', '.join(features)}; "
+                            f"set data.text_column")
+        if self._length == 0:
+            raise DataError(f"tfds:{name} split {split!r} in {data_dir}: empty")
+        metadata = source.dataset_info.metadata or {}
+        self.vocab_size = metadata.get("vocab_size")
+        self._source = source
+
+    def _open(self):
+        tfds = _tfds()
+        try:
+            return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
+        except Exception as e:  # DatasetNotFoundError, unknown split, wrong file format, ...
+            prepared = sorted(p for p in os.listdir(self.data_dir) if not p.startswith(".")) \
+                if os.path.isdir(self.data_dir) else []
+            reason = str(e).strip().splitlines()[0]
+            raise DataError(f"tfds:{self.name} split {self.split!r} in {self.data_dir}: cannot open ({reason}); "
+                            f"datasets there: {', '.join(prepared) or '(none)'}") from None
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_source"} | {"_source": None}
+
+    def where(self, index: int) -> str:
+        return f"tfds:{self.name} ({self.data_dir}) {self.split} record {index}"
+
+    def __getitem__(self, index: int):
+        from jaxlm.data.sources import text_of
+
+        if self._source is None:
+            self._source = self._open()
+        record = self._source[index]
+        if self.tokenized:
+            return record[TOKENS]
+        return text_of(record, self.column, self.where(index))
+
+
+def _template_fields(column: str) -> set[str]:
+    return set(re.findall(r"\{(\w+)", column)) if "{" in column else {column}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxlm.data.tfds_builder",
+                                     description="Tokenize a corpus into TFDS ArrayRecord shards.")
+    parser.add_argument("--source", required=True, help="a file, directory, glob or hf://org/name (see docs/DATA.md)")
+    parser.add_argument("--kind", default="auto")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    parser.add_argument("--name", required=True, help="the dataset's config name, e.g. fineweb_edu")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--docs", type=int, default=0, help="stop after N documents (0: all)")
+    parser.add_argument("--overwrite", action="store_true", help="prepare again even if it exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        spec = prepare(args.source, args.tokenizer, args.name, args.data_dir, kind=args.kind,
+                       text_column=args.text_column, max_docs=args.docs, overwrite=args.overwrite)
+    except JaxlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"prepared {spec} in {args.data_dir}; use DataSource({spec!r}) with data.tfds_data_dir={args.data_dir!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
