@@ -132,8 +132,10 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
         else:
             start_step = 0
             state = plan.init(cfg)
-            if init_from:
-                raise JaxlmError("--init_from needs the torch_port converter (tools/torch_port), not installed yet")
+            if init_from:  # a converted or foreign checkpoint: params, optimizer moments and step
+                from jaxlm.formats import init_train_state
+                state = init_train_state(init_from, cfg, state, out_dir=ckpt.out_dir, log=monitor.print)
+                start_step = int(state["step"])
         monitor.advance(start_step)
 
         step_fn = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=0,

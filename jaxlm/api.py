@@ -1,0 +1,104 @@
+"""``jaxlm.load(path)``: a ready model from any checkpoint jaxlm reads.
+
+    import jaxlm
+    lm = jaxlm.load("step_017500.pt")          # .pt / .safetensors / export / run dir / checkpoints/<step>
+    logits = lm(ids)                           # float32 [B, T, V] (soft-capped), ids int [B, T]
+    lm.cfg                                     # the model config (e.g. ToyLMConfig)
+    lm.tokenizer                               # tokenizers.Tokenizer from tokenizer.json beside it, or None
+    lm.model                                   # the Flax NNX module, for jaxlm.generate and friends
+
+Parameters are float32 (a bf16 checkpoint is upcast exactly); ``dtype="bfloat16"`` computes
+the projections in bf16 instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm.errors import CheckpointError
+from jaxlm.models import build_model
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model with its config and tokenizer; calling it returns float32 logits ``[B, T, V]``."""
+
+    model: Any                      # the NNX module (``model(ids)`` works on it directly too)
+    cfg: Any                        # its config dataclass
+    tokenizer: Any = None           # ``tokenizers.Tokenizer`` or None
+    step: int | None = None         # training step of the checkpoint, when known
+    source: str = ""
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the conversion assumed
+    _forward: Any = dataclasses.field(default=None, repr=False)
+
+    def __call__(self, ids) -> jax.Array:
+        ids = jnp.asarray(ids, jnp.int32)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if self._forward is None:
+            self._forward = nnx.jit(lambda model, x: model(x))
+        return self._forward(self.model, ids)
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise CheckpointError(f"{self.source}: no tokenizer.json beside the checkpoint; pass tokenizer=PATH")
+        return self.tokenizer.encode(text).ids
+
+
+def _find_tokenizer(path: pathlib.Path, explicit):
+    candidates = [pathlib.Path(explicit).expanduser()] if explicit else []
+    if not explicit:
+        base = path.parent if path.is_file() else path
+        candidates += [base / "tokenizer.json", base.parent.parent / "tokenizer.json"]  # run/checkpoints/<step>
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                from tokenizers import Tokenizer
+            except ImportError:
+                return None
+            return Tokenizer.from_file(str(candidate))
+    if explicit:
+        raise CheckpointError(f"tokenizer {explicit}: file not found")
+    return None
+
+
+def model_from_params(model_cfg, params: dict[str, np.ndarray], *, dtype=jnp.float32, source: str = ""):
+    """An NNX model of ``model_cfg`` holding ``params`` (``path -> array``), upcast to float32; no random init."""
+    abstract = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    graphdef, state = nnx.split(abstract)
+
+    def fill(path, leaf):
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        name = name.removesuffix("/value")
+        if name not in params:
+            raise CheckpointError(f"{source}: no parameter {name} in the checkpoint")
+        array = np.asarray(params[name])
+        if tuple(array.shape) != tuple(leaf.shape):
+            raise CheckpointError(f"{source}: {name} has shape {array.shape}, the model {tuple(leaf.shape)}")
+        return jnp.asarray(array.astype(leaf.dtype))
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+
+
+def load(path, *, dtype: str = "float32", tokenizer=None, key_map=None, overrides=()) -> LoadedModel:
+    """A ready model from ``path``: an Orbax directory (a run's out_dir, its ``checkpoints/<step>``, an
+    inference export or a ``to-orbax`` export) or a native ``.pt`` / ``.safetensors`` file.
+
+    ``key_map`` / ``overrides`` as for the converter (``{their_name: our_path}``, ``["rope_theta=500000"]``).
+    """
+    from jaxlm import formats
+    path = pathlib.Path(path).expanduser()
+    conv = formats.read_checkpoint(path, key_map=key_map, overrides=overrides, with_optimizer=False)
+    compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(dtype)
+    if compute is None:
+        raise CheckpointError(f"dtype {dtype!r}: allowed 'float32', 'bfloat16'")
+    model = model_from_params(conv.model_cfg, conv.params, dtype=compute, source=str(path))
+    return LoadedModel(model=model, cfg=conv.model_cfg, tokenizer=_find_tokenizer(path, tokenizer), step=conv.step,
+                       source=str(path), notes=list(conv.notes))

@@ -1,0 +1,128 @@
+"""``python -m tools.torch_port``: PyTorch checkpoints in and out of jaxlm.
+
+    to-orbax SRC DST     a .pt / .safetensors (any naming; cfg dict or pickled Config) -> an Orbax export
+    to-torch SRC DST.pt  an export, a run directory or a .pt -> a .pt in the card's layout (or .safetensors)
+    inspect FILE         keys, shapes, dtypes, cfg, naming family, what maps to what
+    probe SRC --tokenizer tokenizer.json --text FILE   which unpublished convention fits the checkpoint
+
+Every failure a user can cause ends in one line ``error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _to_orbax(args) -> None:
+    import pathlib
+
+    from jaxlm import formats
+    conv = formats.read_checkpoint(args.src, key_map=args.key_map, overrides=args.set,
+                                   with_optimizer=not args.weights_only)
+    tokenizer = args.tokenizer or pathlib.Path(args.src).expanduser().parent / "tokenizer.json"
+    dst = formats.save_export(conv, args.dst, tokenizer=tokenizer, overwrite=args.force)
+    for note in conv.notes:
+        print(f"note: {note}")
+    what = "parameters + optimizer state" if conv.has_optimizer else "parameters"
+    print(f"wrote {dst} ({what}, step {conv.step}); load with jaxlm.load({str(dst)!r}) "
+          f"or train on with --init_from {dst}")
+
+
+def _to_torch(args) -> None:
+    from jaxlm import formats
+    conv = formats.read_checkpoint(args.src, key_map=args.key_map, overrides=args.set,
+                                   with_optimizer=not args.weights_only)
+    optim_cfg, lrs = None, None
+    if conv.run_config is not None:  # a jaxlm run: its optimizer settings and current learning rates
+        from jaxlm.formats.run_dir import run_optim_config
+        from jaxlm.optim import build_optimizer
+        from jaxlm.formats.converted import nest
+        optim_cfg = run_optim_config(conv.run_config)
+        steps = conv.run_config.get("train", {}).get("steps", 1)
+        _, schedules = build_optimizer(optim_cfg, nest(conv.params), steps)
+        lrs = {group: schedule(conv.step or 0) for group, schedule in schedules.items()}
+    dtype = None if args.dtype == "keep" else args.dtype
+    path = formats.write_checkpoint(conv, args.dst, naming=args.naming, dtype=dtype, optim_cfg=optim_cfg, lrs=lrs)
+    layout = "the source's layout" if conv.layout and not args.naming else f"{args.naming or 'hf'} naming"
+    print(f"wrote {path} ({layout}, step {conv.step}"
+          f"{', with optimizer state' if conv.has_optimizer and not args.weights_only else ''}); in PyTorch: "
+          "tools.torch_port.toylm_torch.ToyLM.from_checkpoint(path)")
+
+
+def _inspect(args) -> None:
+    from tools.torch_port.report import inspect
+    print(inspect(args.file, key_map=args.key_map, overrides=args.set))
+
+
+def _probe(args) -> None:
+    from tools.torch_port.probe import probe
+    probe(args.src, args.tokenizer, args.text, key_map=args.key_map, seq_len=args.seq_len, max_tokens=args.max_tokens)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.torch_port", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(cmd, weights=True):
+        cmd.add_argument("--key-map", metavar="FILE",
+                         help="JSON {their_name_or_regex: our_path} for keys the converter does not recognise")
+        cmd.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                         help="a ToyLM config field, e.g. rope_pairing=interleaved (repeatable)")
+        if weights:
+            cmd.add_argument("--weights-only", action="store_true", help="leave the optimizer state out")
+
+    cmd = sub.add_parser("to-orbax", help="a .pt / .safetensors checkpoint -> an Orbax export directory")
+    cmd.add_argument("src")
+    cmd.add_argument("dst")
+    cmd.add_argument("--tokenizer", help="tokenizer.json to keep with it (default: the one beside SRC)")
+    cmd.add_argument("--force", action="store_true", help="replace DST if it exists")
+    common(cmd)
+    cmd.set_defaults(run=_to_orbax)
+
+    cmd = sub.add_parser("to-torch", help="an export / run directory / .pt -> .pt (or .safetensors)")
+    cmd.add_argument("src")
+    cmd.add_argument("dst")
+    cmd.add_argument("--naming", choices=("hf", "meta", "nanogpt"),
+                     help="write these key names (default: the source's own, else hf)")
+    cmd.add_argument("--dtype", choices=("keep", "bfloat16", "float32"), default="keep",
+                     help="tensor dtype (default: as in the source .pt, else as stored)")
+    common(cmd)
+    cmd.set_defaults(run=_to_torch)
+
+    cmd = sub.add_parser("inspect", help="what a checkpoint holds and how it would map")
+    cmd.add_argument("file")
+    common(cmd, weights=False)
+    cmd.set_defaults(run=_inspect)
+
+    cmd = sub.add_parser("probe", help="losses under each plausible convention; prints the best")
+    cmd.add_argument("src")
+    cmd.add_argument("--tokenizer", required=True)
+    cmd.add_argument("--text", required=True, help="a UTF-8 text file to score")
+    cmd.add_argument("--seq-len", type=int, help="tokens per sequence (default: twice the window)")
+    cmd.add_argument("--max-tokens", type=int, default=8192, help="tokens scored per setting")
+    common(cmd, weights=False)
+    cmd.set_defaults(run=_probe)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from jaxlm.errors import JaxlmError
+    start = time.perf_counter()
+    try:
+        args.run(args)
+    except JaxlmError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a destination that cannot be written, a disk that is full
+        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    if args.command in ("to-orbax", "to-torch"):
+        print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
