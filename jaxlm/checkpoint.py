@@ -98,20 +98,35 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def restore_latest(self, abstract_state, data_iterator=None, log=print):
-        """The newest checkpoint that restores cleanly, or None; damaged ones are reported and skipped."""
+        """``(step, state)`` of the newest checkpoint that restores cleanly, or ``(None, None)``.
+
+        A damaged checkpoint (truncated, garbage, half deleted) is reported, moved to
+        ``out_dir/damaged/<step>`` (kept for inspection, never deleted) and the next older
+        one is tried, so that training re-does the lost steps and writes them anew.
+        """
         if not self.cfg.resume:
             return None, None
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                items = {"state": ocp.args.StandardRestore(abstract_state)}
-                if data_iterator is not None:
-                    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-                return step, restored["state"]
-            except Exception as error:  # noqa: BLE001 - any failure means "not a usable checkpoint"
-                log(f"checkpoint {self.directory / str(step)} is damaged ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0][:200]}); falling back to an older one")
-        return None, None
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        step, restored = restore_newest(self.manager, items, log, quarantine=self.out_dir / "damaged")
+        return step, None if restored is None else restored["state"]
+
+
+def restore_newest(manager, items: dict, log=print, quarantine: pathlib.Path | None = None):
+    """Try the checkpoints of ``manager`` from the newest down; ``(step, restored)`` or ``(None, None)``."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return step, manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as error:  # noqa: BLE001 - any failure means "not a usable checkpoint"
+            path = pathlib.Path(manager.directory) / str(step)
+            log(f"checkpoint {path} is damaged ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200] if str(error) else ''}); falling back to an older one")
+            if quarantine is not None and jax.process_index() == 0:
+                quarantine.mkdir(parents=True, exist_ok=True)
+                path.rename(quarantine / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+                manager.reload()
+    return None, None
 
 
 def _flat_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -143,11 +158,13 @@ def restore_run(run_dir: str | pathlib.Path, step: int | None = None):
     mesh = make_mesh(C.MeshConfig(data=1), devices=jax.devices()[:1])
     plan = plan_state(cfg, mesh)
     manager = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True))
-    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
-    if not steps:
-        raise CheckpointError(f"{run_dir / 'checkpoints'} holds no checkpoint")
+    items = {"state": ocp.args.StandardRestore(plan.abstract)}
     with jax.set_mesh(mesh):
-        restored = manager.restore(steps[0], args=ocp.args.Composite(state=ocp.args.StandardRestore(plan.abstract)))
+        if step is not None:
+            return cfg, manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        found, restored = restore_newest(manager, items)
+    if restored is None:
+        raise CheckpointError(f"{run_dir / 'checkpoints'} holds no usable checkpoint")
     return cfg, restored["state"]
 
 

@@ -1,0 +1,179 @@
+"""Runs that die and come back: resume must continue bit-for-bit, damaged checkpoints are skipped.
+
+Each test trains a tiny ToyLM through the real command line in a subprocess, so that
+kills and signals hit the real process.
+"""
+
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import REPO
+from jaxlm.checkpoint import export_inference, restore_run
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+from jaxlm.config import CheckpointConfig, Config, DataConfig, OptimConfig, TrainConfig
+from jaxlm.models.toylm import ToyLMConfig
+
+def get_config():
+    return Config(
+        model=ToyLMConfig(vocab_size=512, dim=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64,
+                          max_seq_len=64, sliding_window=16),
+        train=TrainConfig(steps={steps}, batch_size=8, seq_len=32, log_every=5, eval_batches=2),
+        optim=OptimConfig(lr=0.02, warmup_steps=2),
+        data=DataConfig(source="pydoc", vocab_size=512, cache_dir={cache!r}),
+        checkpoint=CheckpointConfig(every_steps={every}, keep=3),
+        out_dir={out!r},
+    )
+"""
+
+
+def write_config(tmp_path, name, *, steps=30, every=5):
+    out = tmp_path / name
+    path = tmp_path / f"{name}.py"
+    path.write_text(CONFIG.format(steps=steps, every=every, out=str(out), cache=str(tmp_path / "cache")))
+    return path, out
+
+
+def command(config, *extra):
+    return [sys.executable, "-m", "jaxlm.train", "--config", str(config), *extra]
+
+
+def env(devices=8):
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+
+def train(config, *extra, devices=8):
+    out = subprocess.run(command(config, *extra), capture_output=True, text=True, cwd=REPO, env=env(devices),
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def final_params(out_dir):
+    _, state = restore_run(out_dir)
+    return {"/".join(map(str, k)): np.asarray(v) for k, v in
+            jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state["params"]))}, int(state["step"])
+
+
+def assert_bit_identical(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].tobytes() == b[name].tobytes(), f"{name} differs"
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
+    reference_cfg, reference_out = write_config(tmp_path, "reference")
+    train(reference_cfg)
+    reference, step = final_params(reference_out)
+    assert step == 30
+
+    killed_cfg, killed_out = write_config(tmp_path, "killed")
+    rng = random.Random(0)
+    kill_steps, last_seen = [], 0
+    for attempt in range(10):
+        # Log every step; kill a random fraction of a second after a randomly chosen step
+        # is reached, which lands both between saves and inside them (every 5 steps).
+        process = subprocess.Popen(command(killed_cfg, "--config.train.log_every=1"), cwd=REPO, env=env(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        target = rng.randint(last_seen + 1, 32)  # past 29: let this attempt finish
+        for line in process.stdout:
+            if not line.startswith("train step "):
+                continue
+            last_seen = int(line.split()[2].rstrip(":"))
+            if last_seen >= target and target < 30:
+                time.sleep(rng.uniform(0.0, 0.3))
+                process.send_signal(signal.SIGKILL)
+                kill_steps.append(target)
+                break
+        process.communicate()
+        if process.returncode == 0:
+            break
+    else:
+        pytest.fail("the run never finished in 10 attempts")
+    assert len(kill_steps) >= 2, f"the run should have been killed at least twice (killed at {kill_steps})"
+    resumed, step = final_params(killed_out)
+    assert step == 30
+    assert_bit_identical(resumed, reference)
+
+
+def test_sigterm_saves_the_current_step_and_exits(tmp_path):
+    config, out = write_config(tmp_path, "term", steps=100_000, every=0)
+    process = subprocess.Popen(command(config), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:  # wait until training is under way
+        if "train step 10:" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    rest = process.communicate(timeout=60)[0]
+    assert process.returncode == 0, rest
+    assert time.monotonic() - sent < 30
+    assert "stopped by signal" in rest
+    steps = [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and 10 <= steps[0] < 100_000  # every_steps=0: only the signal saved
+
+
+def test_damaged_newest_checkpoint_falls_back_and_still_matches(tmp_path):
+    config, out = write_config(tmp_path, "damaged", steps=20)
+    train(config)
+    reference, _ = final_params(out)
+    newest = out / "checkpoints" / "20"
+    for path in (newest / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"garbage" + path.read_bytes()[: path.stat().st_size // 3])
+    result = train(config)
+    assert "checkpoints/20 is damaged" in result.stdout and "resumed from" in result.stdout
+    resumed, step = final_params(out)
+    assert step == 20
+    assert_bit_identical(resumed, reference)  # retrained from step 15 to the same bits
+
+
+def test_a_different_config_on_the_same_directory_is_refused(tmp_path):
+    config, out = write_config(tmp_path, "guard", steps=5)
+    train(config)
+    refused = subprocess.run(command(config, "--config.optim.lr=0.5"), capture_output=True, text=True,
+                             cwd=REPO, env=env(), timeout=120)
+    assert refused.returncode == 2
+    assert "holds a run of another config (differs in optim.lr)" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    fresh = train(config, "--config.optim.lr=0.5", "--config.resume=false")
+    assert "previous checkpoints moved to" in fresh.stdout
+    assert list(out.glob("checkpoints.before-*/5"))  # the old run is kept, not deleted
+
+
+def test_restore_on_another_device_count_and_mesh(tmp_path):
+    config, out = write_config(tmp_path, "mesh", steps=10)
+    train(config, "--config.mesh.data=1", "--config.mesh.fsdp=8")  # FSDP over 8 devices
+    saved, _ = final_params(out)
+    # Re-run on a single device and then on 4 x 2; both must pick up the step-10 state.
+    one = subprocess.run(command(config, "--config.mesh.data=1"), capture_output=True, text=True, cwd=REPO,
+                         env=env(1), timeout=300)
+    assert one.returncode == 0 and "resumed from" in one.stdout, one.stderr[-2000:]
+    four_by_two = subprocess.run(command(config, "--config.mesh.data=4", "--config.mesh.fsdp=2"),
+                                 capture_output=True, text=True, cwd=REPO, env=env(8), timeout=300)
+    assert four_by_two.returncode == 0 and "resumed from" in four_by_two.stdout, four_by_two.stderr[-2000:]
+    restored, _ = final_params(out)
+    assert_bit_identical(restored, saved)
+
+
+def test_inference_export_is_params_only(tmp_path):
+    config, out = write_config(tmp_path, "export", steps=5)
+    train(config)
+    params, _ = final_params(out)
+    dst = export_inference(out, tmp_path / "exported", dtype="bfloat16")
+    assert (dst / "config.json").is_file() and (dst / "tokenizer.json").is_file()
+    size = sum(p.stat().st_size for p in (dst / "params").rglob("*") if p.is_file())
+    n_params = sum(a.size for a in params.values())
+    assert size < 2 * n_params + 64 * 1024  # bf16 weights and no optimizer state
