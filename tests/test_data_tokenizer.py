@@ -133,3 +133,24 @@ def test_trained_file_hash_is_stable_across_processes(tmp_path):
                             "PATH": "/usr/bin:/bin", "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
         digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+def test_encode_cli_writes_flat_and_array_record_tokens(tmp_path):
+    import numpy as np
+
+    from jaxlm.data.token_shards import TokenArrayRecords, TokenFile
+
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", 30)
+    tok_path = tmp_path / "tok.json"
+    main(["train", "--source", str(corpus), "--vocab-size", "300", "--out", str(tok_path)])
+    tok = load_tokenizer(tok_path)
+    docs = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    eos = tok.token_to_id("<|endoftext|>")
+    assert main(["encode", "--source", str(corpus), "--tokenizer", str(tok_path), "--out", str(tmp_path / "c.bin")]) == 0
+    expected = np.concatenate([tok.encode(d).ids + [eos] for d in docs])
+    np.testing.assert_array_equal(TokenFile(str(tmp_path / "c.bin")).tokens(), expected)
+    assert main(["encode", "--source", str(corpus), "--tokenizer", str(tok_path), "--docs", "7",
+                 "--out", str(tmp_path / "c.array_record")]) == 0
+    records = TokenArrayRecords([str(tmp_path / "c.array_record")])
+    assert len(records) == 7 and all(records[i].tolist() == tok.encode(docs[i]).ids for i in range(7))
+

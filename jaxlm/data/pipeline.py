@@ -13,13 +13,16 @@ position, including inside worker processes and half-used documents.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
+import weakref
 from typing import Any
 
 import grain
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset, InterleaveIterDataset, WindowShuffleIterDataset
+from grain.experimental import (ConcatThenSplitIterDataset, InterleaveIterDataset, ThreadPrefetchIterDataset,
+                                WindowShuffleIterDataset)
 
 from jaxlm.data import mixture
 from jaxlm.data import sources as src
@@ -47,8 +50,21 @@ def make_batch_iterator(data_cfg, tokenizer, *, seq_len: int, batch_size: int, s
     -- also with a state that went through JSON -- makes the next batch equal, bit for bit, to
     the one that followed when the state was taken. Call ``it.close()`` to stop worker processes.
     """
-    return iter(make_dataset(data_cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                             split=split, process_index=process_index, process_count=process_count))
+    iterator = iter(make_dataset(data_cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                                 split=split, process_index=process_index, process_count=process_count))
+    _open_iterators.add(iterator)
+    return iterator
+
+
+# Iterators still open at exit are closed while Python still works: Grain's own clean-up,
+# run later from __del__ during interpreter shutdown, prints tracebacks about missing modules.
+_open_iterators: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for iterator in list(_open_iterators):
+        iterator.close()
 
 
 def make_dataset(data_cfg, tokenizer, *, seq_len: int, batch_size: int, seed: int, split: str = "train",
@@ -66,13 +82,19 @@ def make_dataset(data_cfg, tokenizer, *, seq_len: int, batch_size: int, seed: in
     check_tokenizer(tokenizer, "in use", None, data_cfg.eos_token)
     context = _Context(data_cfg, tokenizer, seq_len, seed, split, process_index, process_count)
     entries = data_cfg.sources
-    windows = [_source_windows(context, entry, i) for i, entry in enumerate(entries)]
-    ds = mixture.mix(windows, [entry.weight for entry in entries], [entry.path for entry in entries])
+    # Each source's random choices derive from its key, not its place in the mixture, so that
+    # reordering a mixture keeps every source's order (a checkpoint restores sources by key).
+    keys = mixture.mixture_keys([entry.path for entry in entries])
+    windows = [_source_windows(context, entry, key) for entry, key in zip(entries, keys)]
+    ds = mixture.mix(windows, [entry.weight for entry in entries], keys)
     ds = ds.batch(batch_size // process_count, drop_remainder=True)
     if data_cfg.num_workers > 0:
         _absl_flags_at_defaults()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers,
                                                          per_worker_buffer_size=2))
+    else:
+        # The next batches are made in a thread while the accelerator runs the current step.
+        ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
     return _OutputIterDataset(ds)
 
 
@@ -108,18 +130,18 @@ class _Context:
         return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(16, 16 * threads))
 
 
-def _source_windows(ctx: _Context, entry, index: int) -> grain.IterDataset:
+def _source_windows(ctx: _Context, entry, key: str) -> grain.IterDataset:
     resolved = src.resolve(entry, ctx.cfg)
     if isinstance(resolved, src.TokenStream):
-        return _stream_windows(ctx, resolved, index)
+        return _stream_windows(ctx, resolved, key)
     if isinstance(resolved, src.StreamedDocuments):
-        docs = _streamed_documents(ctx, resolved, index)
+        docs = _streamed_documents(ctx, resolved, key)
     else:
-        docs = _random_access_documents(ctx, resolved, index)
+        docs = _random_access_documents(ctx, resolved, key)
     return _pack(docs, ctx.window)
 
 
-def _random_access_documents(ctx: _Context, resolved: src.Documents, index: int) -> grain.IterDataset:
+def _random_access_documents(ctx: _Context, resolved: src.Documents, key: str) -> grain.IterDataset:
     reader = resolved.reader
     if resolved.tokenized:
         made_for = getattr(reader, "vocab_size", None)  # recorded by our TFDS builder
@@ -129,49 +151,49 @@ def _random_access_documents(ctx: _Context, resolved: src.Documents, index: int)
         reader = _CheckedTokens(reader, ctx.vocab_size, ctx.eos_id)
     chosen = split_indices(len(reader), ctx.cfg.heldout_fraction, ctx.split, resolved.name)
     docs = grain.MapDataset.source(reader if chosen is None else _Subset(reader, chosen))
-    docs = _shard_and_order(ctx, docs, resolved.name, index, "documents")
+    docs = _shard_and_order(ctx, docs, resolved.name, key, "documents")
     if not resolved.tokenized:
-        docs = docs.map(Encode(ctx.tokenizer, ctx.eos_id))
+        docs = docs.map(_Encode(ctx.tokenizer, ctx.eos_id))
     return docs.to_iter_dataset(ctx.read_options())
 
 
-def _streamed_documents(ctx: _Context, resolved: src.StreamedDocuments, index: int) -> grain.IterDataset:
+def _streamed_documents(ctx: _Context, resolved: src.StreamedDocuments, key: str) -> grain.IterDataset:
     files = resolved.files[ctx.process_index::ctx.process_count]
     if not files:
         raise DataError(f"data source {resolved.name}: {len(resolved.files)} files for {ctx.process_count} "
                         f"processes; each process needs one (prepare it with TFDS, or split the files)")
     order = grain.MapDataset.source(files)
     if ctx.split == "train":
-        order = order.shuffle(seed=ctx.derived_seed(index, "files"))
+        order = order.shuffle(seed=ctx.derived_seed(key, "files"))
     order = order.repeat().map(_OpenParquet(resolved.text_column, resolved.filesystem))
     docs = InterleaveIterDataset(order, cycle_length=min(_MAX_CYCLE_LENGTH, len(files)))
     if ctx.cfg.heldout_fraction > 0:
         docs = docs.filter(_InSplit(ctx.cfg.heldout_fraction, ctx.split == "heldout"))
     if ctx.split == "train":
         docs = WindowShuffleIterDataset(docs, window_size=ctx.cfg.shuffle_buffer,
-                                        seed=ctx.derived_seed(index, "documents"))
-    return docs.map(Encode(ctx.tokenizer, ctx.eos_id))
+                                        seed=ctx.derived_seed(key, "documents"))
+    return docs.map(_Encode(ctx.tokenizer, ctx.eos_id))
 
 
-def _stream_windows(ctx: _Context, resolved: src.TokenStream, index: int) -> grain.IterDataset:
+def _stream_windows(ctx: _Context, resolved: src.TokenStream, key: str) -> grain.IterDataset:
     from jaxlm.data.token_shards import TokenWindows
 
     reader = TokenWindows(resolved.files, ctx.window, ctx.vocab_size)
-    chosen = split_indices(len(reader), ctx.cfg.heldout_fraction, ctx.split, resolved.name)
+    chosen = split_indices(len(reader), ctx.cfg.heldout_fraction, ctx.split, resolved.name, "windows")
     windows = grain.MapDataset.source(reader if chosen is None else _Subset(reader, chosen))
-    windows = _shard_and_order(ctx, windows, resolved.name, index, "windows")
+    windows = _shard_and_order(ctx, windows, resolved.name, key, "windows")
     # Reading a window is a memcpy: threads would only add GIL contention.
     return windows.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
 
 
-def _shard_and_order(ctx: _Context, ds: grain.MapDataset, name: str, index: int, unit: str) -> grain.MapDataset:
+def _shard_and_order(ctx: _Context, ds: grain.MapDataset, name: str, key: str, unit: str) -> grain.MapDataset:
     total = len(ds)
     ds = ds[ctx.process_index::ctx.process_count]
     if len(ds) == 0:
         raise DataError(f"data source {name}: {total} {unit} in the {ctx.split} split, fewer than "
                         f"the {ctx.process_count} processes reading it")
     if ctx.split == "train":
-        ds = ds.shuffle(seed=ctx.derived_seed(index, unit))
+        ds = ds.shuffle(seed=ctx.derived_seed(key, unit))
     return ds.repeat()
 
 
@@ -187,7 +209,7 @@ def _tokens_only(packed: dict) -> np.ndarray:
 # --------------------------------------------------------------------------- held-out selection
 
 
-def split_indices(count: int, fraction: float, split: str, name: str) -> np.ndarray | None:
+def split_indices(count: int, fraction: float, split: str, name: str, unit: str = "documents") -> np.ndarray | None:
     """Sorted indices of ``split`` among ``count`` items, or None for "all of them".
 
     The held-out items are the ``round(fraction * count)`` (at least one) with the smallest hash
@@ -197,14 +219,14 @@ def split_indices(count: int, fraction: float, split: str, name: str) -> np.ndar
         return None
     if count < 2:
         if split == "heldout":
-            raise DataError(f"data source {name}: {count} document(s); too few to hold any out for evaluation")
-        log.warning("data source %s: a single document, so nothing is held out for evaluation", name)
+            raise DataError(f"data source {name}: {count} {unit}; too few to hold any out for evaluation")
+        log.warning("data source %s: one of %s, so nothing is held out for evaluation", name, unit)
         return None
     held_count = min(count - 1, max(1, round(fraction * count)))
     held = np.zeros(count, bool)
     held[np.argpartition(_mix64(np.arange(count, dtype=np.uint64)), held_count - 1)[:held_count]] = True
     if split == "train":
-        log.info("data source %s: %d of %d documents held out for evaluation", name, held_count, count)
+        log.info("data source %s: %d of %d %s held out for evaluation", name, held_count, count, unit)
     return np.flatnonzero(held if split == "heldout" else ~held)
 
 
@@ -232,7 +254,7 @@ class _InSplit:
 # --------------------------------------------------------------------------- per-element functions
 
 
-class Encode:
+class _Encode:
     """Grain map: text -> {"tokens": int32 ids + EOS}.
 
     Special-token strings inside a document are encoded as plain text, so a document cannot

@@ -336,7 +336,7 @@ def iter_parquet_texts(path: str, column: str, filesystem=None) -> Iterator[str]
     check_parquet(path, column, filesystem)
     needed = re.findall(r"\{(\w+)", column) if "{" in column else [column]
     for batch in pq.ParquetFile(path, filesystem=filesystem).iter_batches(columns=needed, batch_size=1024):
-        for i, record in enumerate(batch.to_pylist()):
+        for record in batch.to_pylist():
             yield _parquet_text(record, column, path)
 
 
