@@ -9,6 +9,7 @@ split over ``data`` x ``fsdp``. XLA's SPMD partitioner inserts all communication
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -29,6 +30,28 @@ LOGICAL_RULES = {
     "mlp": "tensor",
     "norm": None,
 }
+
+
+# Activations at block boundaries: sequences split like the batch, the residual stream whole.
+ACTIVATION_RULES = {"batch": BATCH_AXES, "length": None, "act_embed": None}
+
+
+@contextlib.contextmanager
+def activation_rules(rules: dict | None = None):
+    """Within this block, models pin activations at block boundaries (see layers.constrain)."""
+    from jaxlm.models import layers
+    previous, layers._ACTIVATION_RULES = layers._ACTIVATION_RULES, rules or ACTIVATION_RULES
+    try:
+        yield
+    finally:
+        layers._ACTIVATION_RULES = previous
+
+
+@contextlib.contextmanager
+def use_mesh(mesh):
+    """Make ``mesh`` the current mesh and turn the activation constraints on."""
+    with jax.set_mesh(mesh), activation_rules():
+        yield mesh
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
@@ -86,3 +109,32 @@ def global_batch(host_batch: np.ndarray, mesh, batch_axis: int = 0) -> jax.Array
     spec[batch_axis] = BATCH_AXES
     sharding = NamedSharding(mesh, P(*spec))
     return jax.make_array_from_process_local_data(sharding, host_batch)
+
+
+# --------------------------------------------------------------------------- several hosts
+
+
+def initialize_distributed() -> bool:
+    """Join a multi-process run when the environment describes one; True if it did.
+
+    Explicit: ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``. Otherwise JAX's own cluster detection (SLURM, Open MPI, TPU pods,
+    GKE) is used when a scheduler says there is more than one task or host.
+    """
+    import os
+    env = os.environ
+    if "JAX_NUM_PROCESSES" in env or "JAX_PROCESS_ID" in env:
+        missing = [k for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
+        if missing:
+            raise ConfigError(f"multi-process run: set {', '.join(missing)} as well "
+                              "(coordinator host:port, process count, this process's id)")
+        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(env["JAX_NUM_PROCESSES"]),
+                                   process_id=int(env["JAX_PROCESS_ID"]))
+        return True
+    several_tasks = int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    tpu_pod = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    if several_tasks or tpu_pod:
+        jax.distributed.initialize()  # JAX reads the scheduler's environment itself
+        return True
+    return False
