@@ -26,9 +26,12 @@ from jaxlm import config as C
 from jaxlm.errors import CheckpointError
 
 # Fields that may change between the runs of one directory without changing what is
-# trained: how often to log/save/sample, whether to resume, and the device layout.
+# trained: how often to log/save/sample, whether to resume, the device layout, and the
+# speed knobs that change how (not what) the step computes.
 RESUMABLE_CHANGES = ("resume", "train.log_every", "train.sample_prompt", "train.sample_tokens",
-                     "train.eval_every", "train.eval_batches", "data.num_workers", "checkpoint.", "mesh.")
+                     "train.eval_every", "train.eval_batches", "train.remat", "train.scan_layers",
+                     "train.loss_chunk", "train.fused_loss", "data.num_workers", "data.read_threads",
+                     "checkpoint.", "mesh.")
 
 
 class Checkpointer:
@@ -130,7 +133,9 @@ def restore_newest(manager, items: dict, log=print, quarantine: pathlib.Path | N
 
 
 def _flat_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
+    """Dotted names of the fields both dicts have and disagree on (a field that one jaxlm
+    version has and another lacks is not a difference of the run)."""
+    keys = sorted(set(a) & set(b))
     out = []
     for k in keys:
         va, vb = a.get(k), b.get(k)
