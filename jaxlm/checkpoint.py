@@ -101,26 +101,44 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def restore_latest(self, abstract_state, data_iterator=None, log=print):
-        """``(step, state)`` of the newest checkpoint that restores cleanly, or ``(None, None)``.
+        """``(step, state, data_restored)`` of the newest checkpoint that restores cleanly,
+        or ``(None, None, False)``.
 
         A damaged checkpoint (truncated, garbage, half deleted) is reported, moved to
         ``out_dir/damaged/<step>`` (kept for inspection, never deleted) and the next older
-        one is tried, so that training re-does the lost steps and writes them anew.
+        one is tried, so that training re-does the lost steps and writes them anew. The data
+        position is restored when the checkpoint holds one for this process layout (Grain
+        saves one file per process); ``data_restored`` says whether it did.
         """
         if not self.cfg.resume:
-            return None, None
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        step, restored = restore_newest(self.manager, items, log, quarantine=self.out_dir / "damaged")
-        return step, None if restored is None else restored["state"]
+            return None, None, False
+        restored_data = {}
+
+        def items_for(step):
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            restored_data["yes"] = data_iterator is not None and self.has_data_position(step)
+            if restored_data["yes"]:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            return items
+
+        step, restored = restore_newest(self.manager, items_for, log, quarantine=self.out_dir / "damaged")
+        if restored is None:
+            return None, None, False
+        return step, restored["state"], restored_data["yes"]
+
+    def has_data_position(self, step: int) -> bool:
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        return (self.directory / str(step) / "data" / name).is_file()
 
 
-def restore_newest(manager, items: dict, log=print, quarantine: pathlib.Path | None = None):
-    """Try the checkpoints of ``manager`` from the newest down; ``(step, restored)`` or ``(None, None)``."""
+def restore_newest(manager, items_for, log=print, quarantine: pathlib.Path | None = None):
+    """Try the checkpoints of ``manager`` from the newest down; ``(step, restored)`` or ``(None, None)``.
+
+    ``items_for(step)`` gives the Orbax restore arguments of each item to read.
+    """
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            return step, manager.restore(step, args=ocp.args.Composite(**items))
+            return step, manager.restore(step, args=ocp.args.Composite(**items_for(step)))
         except Exception as error:  # noqa: BLE001 - any failure means "not a usable checkpoint"
             path = pathlib.Path(manager.directory) / str(step)
             log(f"checkpoint {path} is damaged ({type(error).__name__}: "
@@ -167,7 +185,7 @@ def restore_run(run_dir: str | pathlib.Path, step: int | None = None):
     with jax.set_mesh(mesh):
         if step is not None:
             return cfg, manager.restore(step, args=ocp.args.Composite(**items))["state"]
-        found, restored = restore_newest(manager, items)
+        found, restored = restore_newest(manager, lambda _: items)
     if restored is None:
         raise CheckpointError(f"{run_dir / 'checkpoints'} holds no usable checkpoint")
     return cfg, restored["state"]

@@ -177,3 +177,36 @@ def test_inference_export_is_params_only(tmp_path):
     size = sum(p.stat().st_size for p in (dst / "params").rglob("*") if p.is_file())
     n_params = sum(a.size for a in params.values())
     assert size < 2 * n_params + 64 * 1024  # bf16 weights and no optimizer state
+
+
+def test_two_processes_train_checkpoint_die_and_resume_on_one(tmp_path):
+    """Two CPU processes (2 devices each) on localhost; killed; resumed by one process."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config, out = write_config(tmp_path, "multi", steps=20)
+    processes = [
+        subprocess.Popen(command(config), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**env(2), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                              "JAX_PROCESS_ID": str(i)})
+        for i in range(2)]
+    checkpoints = out / "checkpoints"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (checkpoints / "10" / "data").is_dir():
+        assert all(p.poll() is None for p in processes), processes[0].communicate()[0][-3000:]
+        time.sleep(0.2)
+    time.sleep(1.0)
+    for p in processes:
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+    saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert saved and saved[-1] >= 10
+    assert sorted(q.name for q in (checkpoints / str(saved[-1]) / "data").glob("process_*")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]  # each process saved its own data position
+
+    resumed = train(config, devices=1)
+    assert f"resumed from {checkpoints / str(saved[-1])}" in resumed.stdout
+    assert "saved for another process count" in resumed.stdout
+    _, step = final_params(out)
+    assert step == 20
