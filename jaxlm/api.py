@@ -71,8 +71,8 @@ def _find_tokenizer(path: pathlib.Path, explicit):
 
 def model_from_params(model_cfg, params: dict[str, np.ndarray], *, dtype=jnp.float32, source: str = ""):
     """An NNX model of ``model_cfg`` holding ``params`` (``path -> array``), upcast to float32; no random init."""
-    abstract = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    graphdef, state = nnx.split(abstract)
+    # jax.eval_shape rather than nnx.eval_shape: no sharding by logical names under a user's mesh.
+    graphdef, state = jax.eval_shape(lambda: nnx.split(build_model(model_cfg, rngs=nnx.Rngs(0), dtype=dtype)))
 
     def fill(path, leaf):
         name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)

@@ -9,13 +9,10 @@ import collections
 import dataclasses
 import json
 import os
-import pathlib
-import pickle
 import subprocess
 import sys
 import zipfile
 
-import jax
 import numpy as np
 import pytest
 
@@ -285,6 +282,20 @@ def make_variant(tmp_path, variant, model):
         cfg = with_pickled_config(tmp_path, cfg)
     elif variant == "bare_state_dict":
         state, cfg = sd, None
+    elif variant == "swiglu_w1_w2_c_proj_namespace_cfg":  # a nanoGPT SwiGLU: c_proj(silu(w1 x) * w2 x)
+        import argparse
+        state = collections.OrderedDict()
+        for name, t in sd.items():
+            name = name.replace("model.embed_tokens", "transformer.wte").replace("model.layers.", "transformer.h.")
+            name = name.replace("model.norm", "transformer.ln_f")
+            for a, b in (("self_attn.q_proj", "attn.q"), ("self_attn.k_proj", "attn.k"), ("self_attn.v_proj", "attn.v"),
+                         ("self_attn.o_proj", "attn.c_proj"), ("mlp.gate_proj", "mlp.w1"), ("mlp.up_proj", "mlp.w2"),
+                         ("mlp.down_proj", "mlp.c_proj")):
+                name = name.replace(a, b)
+            state[name.replace("input_layernorm", "ln_1").replace("post_attention_layernorm", "ln_2")] = t
+        cfg = argparse.Namespace(**cfg)
+    elif variant == "head_only":  # a tied model that saved its output head and not the embedding
+        state = collections.OrderedDict((k.replace("model.embed_tokens", "lm_head"), v) for k, v in sd.items())
     elif variant == "custom_with_key_map":
         renames = {"model.embed_tokens.weight": "emb.table", "model.norm.weight": "out_norm.scale"}
         state = collections.OrderedDict()
@@ -312,7 +323,8 @@ def make_variant(tmp_path, variant, model):
     return tmp_path / f"{variant}.pt", key_map
 
 
-VARIANTS = ["hf", "meta_compiled", "nanogpt_ddp", "meta_pickled_cfg_no_head", "bare_state_dict", "custom_with_key_map"]
+VARIANTS = ["hf", "meta_compiled", "nanogpt_ddp", "meta_pickled_cfg_no_head", "bare_state_dict", "custom_with_key_map",
+            "swiglu_w1_w2_c_proj_namespace_cfg", "head_only"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -350,6 +362,23 @@ def test_jax_and_pytorch_toylm_agree(tmp_path, conventions, seq_len):
     assert lm.model.cfg.rope_pairing == conventions.get("rope_pairing", "rotate_half")
     token_ids = ids(seq_len, seed=seq_len)
     assert_close(np.asarray(lm(token_ids)), torch_logits(model, token_ids))
+
+
+def test_rope_theta_is_read_off_a_saved_inv_freq_buffer(tmp_path):
+    model = torch_model(rope_theta=500_000.0)
+    sd = bf16(model.state_dict())
+    head_dim = model.cfg.head_dim
+    sd["model.rotary_emb.inv_freq"] = 500_000.0 ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    torch.save({"cfg": card_cfg(model), "model": sd}, tmp_path / "a.pt")  # the cfg does not say theta
+    lm = jaxlm.load(tmp_path / "a.pt")
+    assert lm.cfg.rope_theta == 500_000.0 and any("inv_freq buffer" in n for n in lm.notes)
+    reference = toylm_torch.ToyLM(model.cfg)
+    reference.load_state_dict(bf16(model.state_dict()))
+    assert_close(np.asarray(lm(ids(20))), torch_logits(reference.float(), ids(20)))
+    formats.write_checkpoint(formats.read_checkpoint(tmp_path / "a.pt"), tmp_path / "b.pt")
+    back = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert list(back) == ["cfg", "model"]  # the buffer goes back, and no conventions key is added
+    assert torch.equal(back["model"]["model.rotary_emb.inv_freq"], sd["model.rotary_emb.inv_freq"])
 
 
 def test_tied_head_that_differs_is_refused(tmp_path):
@@ -453,9 +482,9 @@ def bf16_state(opt_sd):
             "param_groups": opt_sd["param_groups"]}
 
 
-def crowfeather_like(tmp_path, pickled=True, prefix="_orig_mod."):
+def crowfeather_like(tmp_path, pickled=True, prefix="_orig_mod.", **overrides):
     """A step_XXXXXX.pt as the card describes: cfg (object), bf16 state_dict, step, optimizer state."""
-    model = torch_model()
+    model = torch_model(**overrides)
     muon, adamw = torch_optimizers(model)
     cfg = with_pickled_config(tmp_path, card_cfg(model)) if pickled else card_cfg(model)
     ck = {"cfg": cfg, "model": prefixed(bf16(model.state_dict()), prefix), "step": 2,
@@ -532,3 +561,15 @@ def test_other_namings_and_safetensors_out_and_back(tmp_path):
     reference = toylm_torch.ToyLM(toylm_torch.config_from_checkpoint(ck))
     reference.load_state_dict(ck["model"])
     assert_close(torch_logits(reference.float(), ids(20)), want)
+
+
+def test_conventions_travel_through_safetensors_and_set(tmp_path):
+    model = torch_model(rope_pairing="interleaved")
+    torch.save({"cfg": card_cfg(model), "model": model.state_dict()}, tmp_path / "a.pt")
+    assert cli(["to-orbax", str(tmp_path / "a.pt"), str(tmp_path / "exp"), "--set", "rope_pairing=interleaved"]) == 0
+    assert cli(["to-torch", str(tmp_path / "exp"), str(tmp_path / "st" / "model.safetensors")]) == 0
+    assert formats.read_checkpoint(tmp_path / "st" / "model.safetensors").model_cfg.rope_pairing == "interleaved"
+    assert cli(["to-torch", str(tmp_path / "exp"), str(tmp_path / "b.pt")]) == 0
+    back = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert back["conventions"] == {"rope_pairing": "interleaved"}  # changed since conversion: written
+    assert toylm_torch.config_from_checkpoint(back).rope_pairing == "interleaved"

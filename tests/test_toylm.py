@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jaxlm
 from conftest import fixture_dir
 from jaxlm.models import layers
 from jaxlm.models.toylm import ToyLM, ToyLMConfig
@@ -129,39 +130,13 @@ def test_sliding_window_attention_matches_reference(seq_len):
 # ----------------------------------------------------------------------------- golden logits
 
 
-def load_fixture_params(path):
-    """Map the fixture's Hugging-Face-style state_dict onto the Flax parameters (transposing kernels)."""
-    torch = pytest.importorskip("torch", reason="reading the .pt fixture needs torch (pip install '.[torch]')")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    sd = {k: v.float().numpy() for k, v in ckpt["model"].items()}
-    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-    blocks = {}
-    for i in range(ckpt["cfg"]["n_layers"]):
-        pre = f"model.layers.{i}."
-        blocks[i] = {
-            "attn_norm": {"w": sd[pre + "input_layernorm.weight"]},
-            "mlp_norm": {"w": sd[pre + "post_attention_layernorm.weight"]},
-            "attn": {n: {"kernel": sd[pre + names[n] + ".weight"].T} for n in "qkvo"},
-            "mlp": {n: {"kernel": sd[pre + names[n] + ".weight"].T} for n in ("gate", "up", "down")},
-        }
-    params = {"embed": {"embedding": sd["model.embed_tokens.weight"]}, "blocks": blocks,
-              "final_norm": {"w": sd["model.norm.weight"]}}
-    return ckpt["cfg"], params
-
-
 def test_forward_matches_golden_logits():
     folder = fixture_dir("toylm")
-    cfg_dict, params = load_fixture_params(folder / "toylm_tiny.pt")
-    known = {f.name for f in dataclasses.fields(ToyLMConfig)}
-    cfg = ToyLMConfig(**{k: v for k, v in cfg_dict.items() if k in known})
-    model = ToyLM(cfg, rngs=nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(model, state)
+    lm = jaxlm.load(folder / "toylm_tiny.pt")  # the converter (jaxlm/formats) reads the .pt without torch
+    assert isinstance(lm.model, ToyLM) and lm.cfg.n_layers == 4
     ids = np.load(folder / "input_ids.npy")
     want = np.load(folder / "logits.npy")
-    got = np.asarray(model(jnp.asarray(ids)))
+    got = np.asarray(lm(jnp.asarray(ids)))
     assert got.dtype == np.float32 and got.shape == want.shape
     rel = np.abs(got - want).max() / np.abs(want).max()
     assert rel <= 1e-4, f"max relative error {rel:.2e}"

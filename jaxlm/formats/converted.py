@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import json
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
@@ -31,7 +32,8 @@ from jaxlm.formats import toylm as toylm_names
 FAMILY_NAMES = {"toylm": toylm_names}  # family -> its PyTorch naming module
 
 MODEL_KEYS = ("model", "model_state_dict", "state_dict", "model_state", "module", "net", "weights", "params")
-CFG_KEYS = ("cfg", "config", "model_args", "model_config", "model_cfg", "args", "hparams", "hyper_parameters")
+CFG_KEYS = ("cfg", "config", "model_args", "model_config", "model_cfg", "args", "hparams", "hyper_parameters",
+            "hyperparameters", "params_config")
 STEP_KEYS = ("step", "global_step", "iter_num", "iteration", "steps", "train_step", "num_steps")
 DEFAULT_OPTIMIZER_KEY = "optimizer"
 CONVENTIONS_KEY = "conventions"  # jaxlm's open-convention fields, written beside the card's cfg
@@ -49,6 +51,8 @@ class Converted:
     notes: list[str] = dataclasses.field(default_factory=list)
     source: str = ""
     run_config: dict | None = None                   # the jaxlm run's config, when read from a run
+    # Drops the source file's pages from memory once its tensors have been copied (see torch_pt.load_mapped).
+    release: Callable[[], None] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def has_optimizer(self) -> bool:
@@ -83,12 +87,15 @@ def nest(flat: dict[str, Any]) -> dict:
 
 def param_shapes(model_cfg) -> dict[str, tuple]:
     """Every parameter path of the model ``model_cfg`` describes, with its (Flax) shape; nothing allocated."""
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from jaxlm.models import build_model
-    abstract = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0), dtype=jnp.float32))
-    return {path: tuple(leaf.shape) for path, leaf in flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))).items()}
+    # jax.eval_shape, not nnx.eval_shape: the latter shards by the logical axis names when a mesh is
+    # set (as it is when --init_from runs), and those names are not mesh axes.
+    abstract = jax.eval_shape(lambda: nnx.state(build_model(model_cfg, rngs=nnx.Rngs(0), dtype=jnp.float32), nnx.Param))
+    return {path: tuple(leaf.shape) for path, leaf in flatten(nnx.to_pure_dict(abstract)).items()}
 
 
 def _is_array(value) -> bool:
@@ -99,11 +106,23 @@ def _dtype_name(array: np.ndarray) -> str:
     return np.dtype(array.dtype).name
 
 
+def _np_dtype(dtype_name: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
+
+
 def cast(array: np.ndarray, dtype_name: str | None) -> np.ndarray:
     if dtype_name is None or _dtype_name(array) == dtype_name:
         return array
-    dtype = ml_dtypes.bfloat16 if dtype_name == "bfloat16" else np.dtype(dtype_name)
-    return np.asarray(array).astype(dtype)
+    return np.asarray(array).astype(_np_dtype(dtype_name))
+
+
+def _torch_tensor(names, entry, flat: dict, dtype_name: str | None, lazy: bool):
+    """One PyTorch tensor from jaxlm arrays; ``lazy``: computed only when the writer needs its bytes."""
+    if not lazy:
+        return cast(names.to_torch(entry, flat), dtype_name)
+    shape = names.expected_torch_shape(entry, {t: tuple(flat[t].shape) for t in entry.targets})
+    dtype = _np_dtype(dtype_name) if dtype_name else flat[entry.targets[0]].dtype
+    return torch_pt.LazyTensor(shape, dtype, lambda: cast(names.to_torch(entry, flat), dtype_name))
 
 
 def apply_overrides(conv: Converted, overrides) -> Converted:
@@ -155,7 +174,8 @@ class Analysis:
     cfg_report: Any = None
     param_shapes: dict[str, tuple] = dataclasses.field(default_factory=dict)
     step: int | None = None
-    conventions: dict = dataclasses.field(default_factory=dict)
+    conventions: dict = dataclasses.field(default_factory=dict)   # the file's jaxlm "conventions" entry
+    hinted: dict = dataclasses.field(default_factory=dict)        # fields read off buffers (rope_theta)
     problems: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -234,8 +254,12 @@ def analyze(top, source: str, *, key_map=None, overrides=()) -> Analysis:
     dims = names.dims_from_tensors(an.plan, an.shapes)
     if an.cfg_key is None:
         an.notes.append("no cfg in the file: the shape was inferred from the tensors")
+    found = names.rope_theta_from_buffers(an.plan, an.state_dict)
+    if found and "rope_theta" not in an.cfg_fields and "rope_theta" not in an.conventions:
+        an.hinted["rope_theta"] = found[0]
+        an.notes.append(f"rope_theta = {found[0]:g}, read off the {found[1]} buffer")
     try:
-        an.model_cfg, an.cfg_report = names.config_from_fields({**an.cfg_fields, **an.conventions}, dims,
+        an.model_cfg, an.cfg_report = names.config_from_fields({**an.cfg_fields, **an.conventions, **an.hinted}, dims,
                                                               overrides, source)
         an.param_shapes = param_shapes(an.model_cfg)
         names.check_plan(an.plan, an.shapes, an.param_shapes, source)
@@ -340,6 +364,8 @@ def from_torch_object(top, source: str, *, key_map=None, overrides=(), weights_o
         "family_naming": an.plan.family,
         "top": top_skeleton,
         "model_keys": model_keys,
+        # What the file itself implies; conventions set later (--set, a probe's finding) are written back.
+        "conventions": names.conventions_in_fields({**an.cfg_fields, **an.conventions, **an.hinted}),
         "cfg": {"fields": skeleton.encode(dict(an.cfg_fields), lambda o, p: skeleton.NOT_HANDLED)
                 if an.cfg_key is not None else None,
                 "class": an.cfg_class,
@@ -406,16 +432,17 @@ def _step_value(kind: str, value: float):
 
 
 def to_torch_object(conv: Converted, *, naming: str | None = None, dtype: str | None = None,
-                    optim_cfg=None, lrs: dict | None = None) -> dict:
+                    optim_cfg=None, lrs: dict | None = None, lazy: bool = False) -> dict:
     """The object to ``torch.save``: the original layout when known (and ``naming`` not given), else the card's.
 
     ``dtype`` ("bfloat16", "float32") overrides the dtype of every floating tensor; by default
-    each tensor gets the dtype it had in the original file (bf16), or keeps its own.
+    each tensor gets the dtype it had in the original file (bf16), or keeps its own. ``lazy``: tensors
+    are :class:`torch_pt.LazyTensor` computed as the writer reaches them (one in memory at a time).
     """
     names = FAMILY_NAMES[conv.family]
     if conv.layout and conv.layout.get("format") == "torch" and naming is None:
-        return _to_original_layout(conv, names, dtype, lrs)
-    return _to_card_layout(conv, names, naming or "hf", dtype, optim_cfg, lrs)
+        return _to_original_layout(conv, names, dtype, lrs, lazy)
+    return _to_card_layout(conv, names, naming or "hf", dtype, optim_cfg, lrs, lazy)
 
 
 def _layout_entries(names, model_keys) -> list[tuple[Any, str | None, str | None]]:
@@ -425,13 +452,14 @@ def _layout_entries(names, model_keys) -> list[tuple[Any, str | None, str | None
             for record in model_keys]
 
 
-def _model_state_dict(conv: Converted, entries, names, dtype: str | None, odict: bool = True) -> dict:
+def _model_state_dict(conv: Converted, entries, names, dtype: str | None, odict: bool = True,
+                      lazy: bool = False) -> dict:
     """The PyTorch state_dict; a tied head is the embedding's own array, so both share one storage."""
     sd = collections.OrderedDict() if odict else {}
     embedding = None
     for entry, stored_dtype, extra in entries:
         if entry.kind == "param":
-            sd[entry.name] = cast(names.to_torch(entry, conv.params), dtype or stored_dtype)
+            sd[entry.name] = _torch_tensor(names, entry, conv.params, dtype or stored_dtype, lazy)
             if entry.targets == ["embed/embedding"]:
                 embedding = sd[entry.name]
         elif entry.kind == "tied":
@@ -444,10 +472,10 @@ def _model_state_dict(conv: Converted, entries, names, dtype: str | None, odict:
     return sd
 
 
-def _to_original_layout(conv: Converted, names, dtype, lrs) -> dict:
+def _to_original_layout(conv: Converted, names, dtype, lrs, lazy) -> dict:
     layout = conv.layout
     entries = _layout_entries(names, layout["model_keys"])
-    sd = _model_state_dict(conv, entries, names, dtype)
+    sd = _model_state_dict(conv, entries, names, dtype, lazy=lazy)
     if layout.get("bare"):
         return sd
     cfg_info = layout.get("cfg") or {}
@@ -474,11 +502,11 @@ def _to_original_layout(conv: Converted, names, dtype, lrs) -> dict:
         if tag == "~tensor":
             return conv.extras[payload]
         if tag == "~optimizer":
-            return _decode_optimizer(conv, payload, names, entries, dtype, step, lrs)
+            return _decode_optimizer(conv, payload, names, entries, dtype, step, lrs, lazy)
         raise CheckpointError(f"unknown marker {tag} in the stored layout; the export is damaged")
 
     top = skeleton.decode(layout["top"], resolve)
-    conventions = names.conventions_for_torch(conv.model_cfg, original_fields)
+    conventions = names.conventions_for_torch(conv.model_cfg, original_fields, layout.get("conventions"))
     if conventions and isinstance(top, dict) and CONVENTIONS_KEY not in top:
         top[CONVENTIONS_KEY] = conventions
     return top
@@ -488,7 +516,7 @@ def _no_markers(tag, payload):
     raise CheckpointError(f"unexpected marker {tag} in a stored config")
 
 
-def _decode_optimizer(conv, payload, names, layout_entries, dtype, step, lrs):
+def _decode_optimizer(conv, payload, names, layout_entries, dtype, step, lrs, lazy):
     entries = {entry.name: entry for entry, _, _ in layout_entries}
 
     def resolve(tag, p):
@@ -497,7 +525,7 @@ def _decode_optimizer(conv, payload, names, layout_entries, dtype, step, lrs):
             values = conv.slots.get(p["slot"], {})
             if not all(t in values for t in entry.targets):
                 raise CheckpointError(f"the optimizer {p['slot']} of {p['param']} is missing from the converted state")
-            return cast(names.to_torch(entry, values), dtype or p["dtype"])
+            return _torch_tensor(names, entry, values, dtype or p["dtype"], lazy)
         if tag == "~step":
             return _step_value(p["dtype"], step + p["offset"])
         if tag == "~tensor":
@@ -513,9 +541,9 @@ def _decode_optimizer(conv, payload, names, layout_entries, dtype, step, lrs):
     return opt
 
 
-def _to_card_layout(conv: Converted, names, naming: str, dtype, optim_cfg, lrs) -> dict:
+def _to_card_layout(conv: Converted, names, naming: str, dtype, optim_cfg, lrs, lazy) -> dict:
     entries = names.default_entries(conv.model_cfg, naming)
-    sd = _model_state_dict(conv, [(e, None, None) for e in entries], names, dtype)
+    sd = _model_state_dict(conv, [(e, None, None) for e in entries], names, dtype, lazy=lazy)
     original = None
     if conv.layout and conv.layout.get("cfg", {}).get("fields") is not None:
         original = skeleton.decode(conv.layout["cfg"]["fields"], _no_markers)
@@ -526,23 +554,23 @@ def _to_card_layout(conv: Converted, names, naming: str, dtype, optim_cfg, lrs) 
     top = {"cfg": cfg, "model": sd, "step": int(conv.step or 0),
            CONVENTIONS_KEY: names.conventions_for_torch(conv.model_cfg, None)}
     if conv.has_optimizer:
-        top[DEFAULT_OPTIMIZER_KEY] = _default_optimizer(conv, entries, names, dtype, optim_cfg, lrs)
+        top[DEFAULT_OPTIMIZER_KEY] = _default_optimizer(conv, entries, names, dtype, optim_cfg, lrs, lazy)
     return top
 
 
-def _default_optimizer(conv, entries, names, dtype, optim_cfg, lrs) -> dict:
+def _default_optimizer(conv, entries, names, dtype, optim_cfg, lrs, lazy) -> dict:
     """One state_dict with a Muon group and an AdamW group, parameters named (torch >= 2.5 style)."""
     state, groups = {}, {"muon": [], "adamw": []}
     params = [e for e in entries if e.kind == "param"]
     for index, entry in enumerate(params):
         has = lambda slot: all(t in conv.slots.get(slot, {}) for t in entry.targets)
         if has("momentum"):
-            state[index] = {"momentum_buffer": cast(names.to_torch(entry, conv.slots["momentum"]), dtype)}
+            state[index] = {"momentum_buffer": _torch_tensor(names, entry, conv.slots["momentum"], dtype, lazy)}
             groups["muon"].append(index)
         elif has("mu") and has("nu"):
             state[index] = {"step": np.asarray(float(conv.step or 0), np.float32),
-                            "exp_avg": cast(names.to_torch(entry, conv.slots["mu"]), dtype),
-                            "exp_avg_sq": cast(names.to_torch(entry, conv.slots["nu"]), dtype)}
+                            "exp_avg": _torch_tensor(names, entry, conv.slots["mu"], dtype, lazy),
+                            "exp_avg_sq": _torch_tensor(names, entry, conv.slots["nu"], dtype, lazy)}
             groups["adamw"].append(index)
         else:
             groups["adamw"].append(index)
@@ -573,8 +601,10 @@ def read_file(path, *, key_map=None, overrides=(), weights_only: bool = False) -
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     if torch_pt.is_torch_zip(path):
-        return from_torch_object(torch_pt.load(path), str(path), key_map=key_map, overrides=overrides,
-                                 weights_only=weights_only)
+        obj, release = torch_pt.load_mapped(path)
+        conv = from_torch_object(obj, str(path), key_map=key_map, overrides=overrides, weights_only=weights_only)
+        conv.release = release
+        return conv
     if safetensors_file.is_safetensors(path):
         return _from_safetensors(path, key_map, overrides)
     raise CheckpointError(f"{path}: neither a torch .pt (zip) nor a .safetensors file")
@@ -590,6 +620,8 @@ def _from_safetensors(path: pathlib.Path, key_map, overrides) -> Converted:
     top = {"model": tensors} if cfg is None else {"cfg": cfg, "model": tensors}
     if "step" in metadata:
         top["step"] = int(metadata["step"])
+    if "conventions" in metadata:
+        top[CONVENTIONS_KEY] = json.loads(metadata["conventions"])
     conv = from_torch_object(top, str(path), key_map=key_map, overrides=overrides)
     conv.layout["format"] = "safetensors"
     return conv
@@ -621,4 +653,5 @@ def write_file(conv: Converted, path, *, naming: str | None = None, dtype: str |
         safetensors_file.save(unique, path, metadata)
         (path.parent / "config.json").write_text(json.dumps({**cfg, **obj.get("conventions", {})}, indent=2))
         return path
-    return torch_pt.save(to_torch_object(conv, naming=naming, dtype=dtype, optim_cfg=optim_cfg, lrs=lrs), path)
+    return torch_pt.save(to_torch_object(conv, naming=naming, dtype=dtype, optim_cfg=optim_cfg, lrs=lrs, lazy=True),
+                         path)

@@ -72,7 +72,7 @@ def save(tensors: dict[str, np.ndarray], path, metadata: dict[str, str] | None =
     path = pathlib.Path(path)
     header, offset, arrays = {}, 0, []
     for name, array in tensors.items():
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")
         if array.dtype not in NAMES:
             raise CheckpointError(f"cannot write a {array.dtype} tensor ({name}) into a safetensors file")
         header[name] = {"dtype": NAMES[array.dtype], "shape": list(array.shape),

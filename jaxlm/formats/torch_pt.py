@@ -34,6 +34,7 @@ import pickle
 import re
 import struct
 import zipfile
+from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
@@ -64,6 +65,7 @@ TORCH_DTYPES = {
 }
 
 CONFIG_CLASS_NAME = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*)?Config")
+FIELD_RECORDS = ("argparse.Namespace", "types.SimpleNamespace")  # attribute bags training scripts save as cfg
 ARCHIVE_ROOT = "archive"
 STORAGE_ALIGNMENT = 64
 
@@ -270,7 +272,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return "UntypedStorage"
         if module == "torch" and name in TORCH_DTYPES:
             return _TorchDtype(name)
-        if CONFIG_CLASS_NAME.fullmatch(name):
+        if CONFIG_CLASS_NAME.fullmatch(name) or full in FIELD_RECORDS:
             if full not in self.config_classes:
                 self.config_classes[full] = type(name, (PickledConfig,), {"origin": full})
             return self.config_classes[full]
@@ -323,6 +325,10 @@ class _Records:
     def bytes(self, name: str) -> bytes:
         return self.zip.read(self.root + name)
 
+    def release(self) -> None:
+        if self.mm is not None and hasattr(self.mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self.mm.madvise(mmap.MADV_DONTNEED)
+
     def array(self, name: str) -> np.ndarray:
         info = self.infos.get(self.root + name)
         if info is None:
@@ -346,21 +352,48 @@ def is_torch_zip(path) -> bool:
 
 def load(path) -> Any:
     """The object a ``.pt`` file holds, tensors as numpy arrays, configs as :class:`PickledConfig`."""
+    return load_mapped(path)[0]
+
+
+def load_mapped(path) -> tuple[Any, Callable[[], None]]:
+    """:func:`load`, plus a function that drops the file's pages from this process's memory.
+
+    Tensors are views of the memory-mapped file; once they have been copied elsewhere (converted,
+    written), the pages they were read from still count against the process until released.
+    Releasing keeps every view valid: a later access reads the page in again.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     records = _Records(path)
     unpickler = _RestrictedUnpickler(records.bytes("data.pkl"), records, str(path))
     try:
-        return unpickler.load()
+        obj = unpickler.load()
     except CheckpointError:
         raise
     except Exception as error:  # a corrupt pickle raises many things; none is the user's to debug
         raise CheckpointError(f"{path}: the pickle in it cannot be read ({type(error).__name__}: "
                               f"{str(error)[:120]}); the file is damaged") from None
+    return obj, records.release
 
 
 # =========================================================================== writing
+
+
+class LazyTensor:
+    """A tensor for :func:`save` that is computed only when its bytes are written, then dropped.
+
+    Writing a converted checkpoint this way holds one converted tensor at a time instead of all.
+    The same LazyTensor object twice is one shared storage (a tied head).
+    """
+
+    def __init__(self, shape, dtype, produce: Callable[[], np.ndarray]):
+        self.shape, self.dtype, self.produce = tuple(shape), np.dtype(dtype), produce
+        self.size = math.prod(self.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        array = self.produce()
+        return array if dtype is None else array.astype(dtype)
 
 
 class _Global:
@@ -397,7 +430,7 @@ class _Encoder:
             w(b"\x88")
         elif obj is False:
             w(b"\x89")
-        elif isinstance(obj, np.ndarray):
+        elif isinstance(obj, (np.ndarray, LazyTensor)):
             self.save_tensor(obj)
         elif isinstance(obj, np.generic):
             self.save(obj.item())
@@ -464,7 +497,7 @@ class _Encoder:
             data = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
             w(b"\x8a" + bytes([len(data)]) + data)
 
-    def save_tensor(self, array: np.ndarray) -> None:
+    def save_tensor(self, array: np.ndarray | LazyTensor) -> None:
         if array.dtype not in STORAGE_NAMES:
             raise CheckpointError(f"cannot write a {array.dtype} tensor into a .pt file")
         # One storage per array object: the same array twice (a tied head) shares its storage.
@@ -524,9 +557,14 @@ def save(obj, path) -> pathlib.Path:
         _write_record(zf, root + ".format_version", b"1")
         _write_record(zf, root + ".storage_alignment", str(STORAGE_ALIGNMENT).encode())
         _write_record(zf, root + "byteorder", b"little")
-        for key, array in enumerate(encoder.storages):
-            contiguous = np.ascontiguousarray(array)
-            _write_record(zf, root + f"data/{key}", contiguous.reshape(-1).view(np.uint8))
+        for key in range(len(encoder.storages)):
+            array = encoder.storages[key]
+            data = np.asarray(array.produce() if isinstance(array, LazyTensor) else array, order="C")  # keeps 0-d
+            if data.dtype != array.dtype or data.shape != tuple(array.shape):
+                raise CheckpointError(f"a tensor came out as {data.dtype}{data.shape}, announced as "
+                                      f"{array.dtype}{tuple(array.shape)}")
+            _write_record(zf, root + f"data/{key}", data.reshape(-1).view(np.uint8))
+            del data
         _write_record(zf, root + "version", b"3\n")
     os.replace(tmp, path)
     return path

@@ -254,8 +254,12 @@ def plan_keys(shapes: dict[str, tuple], key_map: dict | None = None) -> Plan:
             continue
         roles[name] = found
         entries.append(KeyEntry(name, "pending", role=found[0]))
-    # "gate?" (c_fc, w1, fc1): fused gate|up when its layer has no separate up matrix.
-    layers_with_up = {layer for role, layer in roles.values() if role == "up"}
+    _resolve_mlp_roles(roles, shapes, notes)
+    if not any(role == "embed" for role, _ in roles.values()):
+        head = next((n for n, (role, _) in roles.items() if role == "head"), None)
+        if head is not None:  # only the (tied) head was saved: it is the embedding
+            roles[head] = ("embed", None)
+            notes.append(f"no embedding key: the tied head {head} is taken as the embedding")
     out = []
     for entry in entries:
         if entry is None or entry.kind != "pending":
@@ -263,8 +267,6 @@ def plan_keys(shapes: dict[str, tuple], key_map: dict | None = None) -> Plan:
                 out.append(entry)
             continue
         role, layer = roles[entry.name]
-        if role == "gate?":
-            role = "gate" if layer in layers_with_up else "gate_up"
         if role == "buffer":
             out.append(KeyEntry(entry.name, "buffer", role="buffer"))
         elif role == "head":
@@ -280,6 +282,36 @@ def plan_keys(shapes: dict[str, tuple], key_map: dict | None = None) -> Plan:
     if fused:
         notes.append("fused matrices split: " + ", ".join({"qkv": "q|k|v", "gate_up": "gate|up"}[f] for f in fused))
     return Plan(out, unmatched, family, notes)
+
+
+MLP_ROLES = ("gate?", "gate", "up", "down", "gate_up")
+
+
+def _resolve_mlp_roles(roles: dict, shapes: dict, notes: list[str]) -> None:
+    """Per layer: "gate?" (c_fc, w1, fc1) is fused gate|up unless the layer has a separate up matrix;
+    and when the names give an impossible assignment (nanoGPT-SwiGLU's w1/w2/c_proj), the shapes
+    decide: down is the (dim, hidden) matrix, the gate-named (or first) of the others is the gate."""
+    embed = next((n for n, (role, _) in roles.items() if role == "embed"), None)
+    dim = shapes[embed][1] if embed is not None and len(shapes[embed]) == 2 else None
+    by_layer: dict[int, list[str]] = {}
+    for name, (role, layer) in roles.items():
+        if role in MLP_ROLES:
+            by_layer.setdefault(layer, []).append(name)
+    for layer, names in by_layer.items():
+        has_up = any(roles[n][0] == "up" for n in names)
+        resolved = {n: ("gate" if has_up else "gate_up") if roles[n][0] == "gate?" else roles[n][0] for n in names}
+        fits = lambda n, r: dim is None or (shapes[n][0] == dim if r == "down" else shapes[n][-1] == dim)
+        if (len(names) == 3 and dim is not None
+                and (sorted(resolved.values()) != ["down", "gate", "up"] or not all(fits(n, r) for n, r in resolved.items()))):
+            downs = [n for n in names if shapes[n][0] == dim and shapes[n][-1] != dim]
+            ins = [n for n in names if shapes[n][-1] == dim and shapes[n][0] != dim]
+            if len(downs) == 1 and len(ins) == 2:
+                gate = next((n for n in ins if roles[n][0] in ("gate", "gate?")), ins[0])
+                up = ins[1] if gate == ins[0] else ins[0]
+                resolved = {downs[0]: "down", gate: "gate", up: "up"}
+                notes.append(f"layer {layer}: MLP roles read from the shapes: gate {gate}, up {up}, down {downs[0]}")
+        for name, role in resolved.items():
+            roles[name] = (role, layer)
 
 
 def dims_from_tensors(plan: Plan, shapes: dict[str, tuple]) -> dict[str, int]:
@@ -305,6 +337,31 @@ def dims_from_tensors(plan: Plan, shapes: dict[str, tuple]) -> dict[str, int]:
     if layers:
         dims["n_layers"] = max(layers) + 1
     return dims
+
+
+def rope_theta_from_buffers(plan: Plan, state_dict: dict) -> tuple[float, str] | None:
+    """RoPE theta read off a saved ``inv_freq`` (1-D) or ``freqs_cis`` (complex, [T, K/2]) buffer."""
+    for entry in plan.entries:
+        if entry.kind != "buffer":
+            continue
+        array = np.asarray(state_dict[entry.name])
+        if entry.name.endswith("inv_freq") and array.ndim == 1 and array.size > 1:
+            inv_freq = array.astype(np.float64)
+        elif entry.name.endswith("freqs_cis") and array.ndim == 2 and np.iscomplexobj(array) and array.shape[0] > 1:
+            inv_freq = np.angle(array[1]).astype(np.float64)
+        else:
+            continue
+        if not np.all(inv_freq > 0):
+            continue
+        # inv_freq[j] = theta ** (-2j / K): the slope of log inv_freq over j is -(2/K) log theta.
+        j = np.arange(inv_freq.size)
+        slope = np.polyfit(j, np.log(inv_freq), 1)[0]
+        theta = float(np.exp(-slope * inv_freq.size))
+        for nice in (10_000.0, 100_000.0, 500_000.0, 1_000_000.0, 10_000_000.0):
+            if abs(theta / nice - 1) < 0.02:
+                theta = nice
+        return theta, entry.name
+    return None
 
 
 def expected_torch_shape(entry: KeyEntry, param_shapes: dict[str, tuple]) -> tuple:
@@ -365,8 +422,8 @@ def to_torch(entry: KeyEntry, flat: dict[str, np.ndarray]) -> np.ndarray:
     """The PyTorch tensor of one entry, from jaxlm arrays (inverse of :func:`to_flax`)."""
     parts = [flat[t].T if entry.transpose else flat[t] for t in entry.targets]
     if len(parts) == 1:
-        return np.ascontiguousarray(parts[0])
-    return np.ascontiguousarray(np.concatenate(parts, axis=0))
+        return np.asarray(parts[0], order="C")
+    return np.asarray(np.concatenate(parts, axis=0), order="C")
 
 
 def default_entries(cfg: ToyLMConfig, naming: str = "hf") -> list[KeyEntry]:
@@ -525,12 +582,21 @@ def fields_for_torch(cfg: ToyLMConfig, original: dict | None, report: dict | Non
     return out
 
 
-def conventions_for_torch(cfg: ToyLMConfig, original: dict | None) -> dict:
+def conventions_for_torch(cfg: ToyLMConfig, original: dict | None, baseline: dict | None = None) -> dict:
     """The open-convention fields the cfg dict does not carry: all of them for a jaxlm model; for a
-    converted checkpoint only those that differ from the spec's defaults (so a round trip adds nothing)."""
+    converted checkpoint only those changed since the conversion (``baseline``, default: the spec's
+    defaults), so that a round trip adds nothing."""
     if original is None:
         return {name: getattr(cfg, name) for name in CONVENTION_FIELDS}
     defaults = ToyLMConfig()
+    baseline = baseline or {}
     carried = set(original) | {SYNONYMS.get(k, k) for k in original}
     return {name: getattr(cfg, name) for name in CONVENTION_FIELDS
-            if name not in carried and getattr(cfg, name) != getattr(defaults, name)}
+            if name not in carried and getattr(cfg, name) != baseline.get(name, getattr(defaults, name))}
+
+
+def conventions_in_fields(fields: dict) -> dict:
+    """The conventions a foreign cfg implies: its own values (under any spelling), else the spec's defaults."""
+    defaults = ToyLMConfig()
+    ours = {SYNONYMS.get(k, k): v for k, v in fields.items() if v is not None}
+    return {name: ours.get(name, getattr(defaults, name)) for name in CONVENTION_FIELDS}
