@@ -573,3 +573,33 @@ def test_conventions_travel_through_safetensors_and_set(tmp_path):
     back = torch.load(tmp_path / "b.pt", weights_only=True)
     assert back["conventions"] == {"rope_pairing": "interleaved"}  # changed since conversion: written
     assert toylm_torch.config_from_checkpoint(back).rope_pairing == "interleaved"
+
+
+def test_one_optimizer_with_muon_and_adamw_groups_in_any_order(tmp_path):
+    """Keller Jordan's MuonWithAuxAdam layout: one state_dict, two groups, integer steps, no names;
+    the AdamW group lists the norms before the embedding."""
+    model = torch_model()
+    named = list(bf16(model.state_dict()).items())
+    is_matrix = lambda n, t: t.ndim >= 2 and "embed" not in n
+    muon_ids = [i for i, (n, t) in enumerate(named) if is_matrix(n, t)]
+    norm_ids = [i for i, (n, t) in enumerate(named) if t.ndim == 1]
+    embed_id = next(i for i, (n, _) in enumerate(named) if "embed" in n)
+    state = {i: {"momentum_buffer": torch.randn_like(named[i][1])} for i in muon_ids}
+    state.update({i: {"exp_avg": torch.randn_like(named[i][1]), "exp_avg_sq": torch.rand_like(named[i][1]),
+                      "step": 40} for i in norm_ids + [embed_id]})
+    opt = {"state": state, "param_groups": [{"params": muon_ids, "use_muon": True, "lr": 0.02, "momentum": 0.95},
+                                            {"params": norm_ids + [embed_id], "use_muon": False, "lr": 5e-3,
+                                             "betas": (0.9, 0.95), "eps": 1e-10}]}
+    torch.save({"cfg": card_cfg(model), "model": collections.OrderedDict(named), "optimizer": opt}, tmp_path / "k.pt")
+    conv = formats.read_checkpoint(tmp_path / "k.pt")
+    assert conv.step == 40  # no top-level step: AdamW's own count
+    q = dict(named)["model.layers.2.self_attn.q_proj.weight"]
+    q_id = next(i for i, (n, _) in enumerate(named) if n == "model.layers.2.self_attn.q_proj.weight")
+    np.testing.assert_array_equal(conv.slots["momentum"]["blocks/2/attn/q/kernel"].view(np.int16),
+                                  state[q_id]["momentum_buffer"].view(torch.int16).numpy().T)
+    assert q.shape == state[q_id]["momentum_buffer"].shape
+    np.testing.assert_array_equal(conv.slots["nu"]["embed/embedding"].view(np.int16),
+                                  state[embed_id]["exp_avg_sq"].view(torch.int16).numpy())
+    formats.save_export(conv, tmp_path / "exp")
+    formats.write_checkpoint(formats.read_checkpoint(tmp_path / "exp"), tmp_path / "back.pt")
+    assert_same_tensors(torch.load(tmp_path / "k.pt"), torch.load(tmp_path / "back.pt", weights_only=True))

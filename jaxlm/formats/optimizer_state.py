@@ -125,13 +125,13 @@ def assign_params(opt: dict, params: list[ParamInfo], strip, source: str) -> dic
             shapes = sorted({_state_shape(state.get(i)) for i in ids} - {None})
             raise CheckpointError(
                 f"{source}: optimizer group {g} has {len(ids)} parameters (state shapes {shapes[:4]}); cannot "
-                "tell which model parameters they are; convert the weights alone with --weights-only")
+                "tell which model parameters they are; convert the weights alone (to-orbax --weights-only)")
         mapping.update(zip(ids, chosen))
     seen = {}
     for i, p in mapping.items():
         if p.name in seen:
             raise CheckpointError(f"{source}: optimizer indices {seen[p.name]} and {i} both resolve to {p.name}; "
-                                  "convert the weights alone with --weights-only")
+                                  "convert the weights alone (to-orbax --weights-only)")
         seen[p.name] = i
     return mapping
 

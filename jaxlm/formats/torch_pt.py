@@ -5,8 +5,8 @@ Why not ``torch.load``: ``jaxlm.load`` must open a released checkpoint from a pl
 the file names. Here the pickle is read by an Unpickler whose ``find_class`` knows only what a
 checkpoint needs: torch's tensor-rebuild functions and storage types, ``collections.OrderedDict``,
 a few inert value types (torch dtypes and sizes, numpy scalars and arrays), and any class whose
-name ends in ``Config`` — rebuilt as a :class:`PickledConfig` record of its fields, never
-imported, so the upstream ``config.Config`` loads without its module. Anything else
+name ends in ``Config`` (or an ``argparse.Namespace``) — rebuilt as a :class:`PickledConfig`
+record of its fields, never imported, so the upstream ``config.Config`` loads without its module. Anything else
 (``posix.system``, ``builtins.eval``, ``subprocess.Popen``, ...) stops the load with a
 ``CheckpointError`` naming the global, before anything is called.
 
@@ -278,7 +278,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return self.config_classes[full]
         raise CheckpointError(
             f"{self.source}: refusing to load: its pickle calls {full}, which a checkpoint never needs "
-            "(only tensors, containers and a Config are allowed); the file may be malicious")
+            "(only tensors, containers and a Config are allowed); the file may be malicious, so nothing was run")
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):

@@ -42,8 +42,8 @@ FAMILY = "toylm"
 # ----------------------------------------------------------------------------- roles
 
 _LEAF_WEIGHT = r"(?:weight|w|scale|g|gamma)"
-_BLOCK = re.compile(r"^(?:(?:model|transformer|decoder|backbone|gpt|base_model|encoder)\.)*"
-                    r"(?:layers|h|blocks|block|layer)\.(?P<layer>\d+)\.(?P<rest>.+)$")
+# Any wrapper prefix (model., transformer., net., ...) before the numbered container.
+_BLOCK = re.compile(r"^(?:[A-Za-z_]\w*\.)*?(?:layers|h|blocks|block|layer)\.(?P<layer>\d+)\.(?P<rest>.+)$")
 _ATTN = r"(?:self_attn|attn|attention|self_attention|sa|mha)"
 _MLP = r"(?:mlp|feed_forward|ffn|ff|feedforward|mlp_block|ffwd)"
 
@@ -65,7 +65,7 @@ BLOCK_ROLES = [
 ]
 BLOCK_ROLES = [(re.compile(pattern + "$"), role) for pattern, role in BLOCK_ROLES]
 
-_TOP = r"^(?:(?:model|transformer|decoder|backbone|gpt|base_model)\.)*"
+_TOP = r"^(?:[A-Za-z_]\w*\.)*?"
 TOP_ROLES = [
     (re.compile(_TOP + r"(?:embed_tokens|tok_embeddings|wte|embed|embedding|embeddings|tok_emb|token_embedding|"
                        r"token_emb|emb|word_embeddings)\.(?:weight|embedding)$"), "embed"),
@@ -94,9 +94,10 @@ def role_of(name: str, ndim: int) -> tuple[str, int | None] | None:
         for pattern, role in BLOCK_ROLES:
             if pattern.match(block["rest"]):
                 return role, int(block["layer"])
-    for pattern, role in TOP_ROLES:
-        if pattern.match(name):
-            return role, None
+    else:  # model-level names only outside the blocks (a block's own "norm" is not the final norm)
+        for pattern, role in TOP_ROLES:
+            if pattern.match(name):
+                return role, None
     if BUFFER.search(name) or (BUFFER_NDIM.search(name) and ndim >= 2):
         return "buffer", None
     return None
