@@ -44,12 +44,18 @@ class TrainConfig:
     eval_batches: int = 4
     sample_prompt: str = ""           # printed continuation at the end ("" skips it)
     sample_tokens: int = 40
-    loss_chunk: int = 0               # tokens per loss chunk (0: whole sequence at once)
+    loss_chunk: int = 0               # positions per loss chunk (0: whole sequence; the fused loss picks one)
+    # Fast paths: each computes the same loss and gradients (tests/test_bench.py); docs/PERFORMANCE.md
+    # has what each one costs or saves.
+    fused_loss: bool = True           # head + soft-cap + cross-entropy + z-loss gradients in one chunked pass
+    remat: str = "none"               # recompute block activations in the backward pass: none | full | dots
+    scan_layers: bool = False         # one lax.scan over repeating layer groups: faster compiles
 
     def validate(self) -> None:
         _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "log_every", "sample_tokens")
         _non_negative(self, "eval_every", "eval_batches", "loss_chunk")
         _choice(self, "compute_dtype", ("bfloat16", "float32"))
+        _choice(self, "remat", ("none", "full", "dots"))
 
 
 @dataclasses.dataclass

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxlm import config as C
-from jaxlm import checkpoint, hardware, sharding
+from jaxlm import hardware, sharding
 from jaxlm.errors import JaxlmError
 from jaxlm.loss import lm_loss
 from jaxlm.models import family_of
@@ -64,8 +65,11 @@ def summary(cfg: C.Config) -> str:
 def make_train_step(graphdef, tx, cfg: C.Config):
     """One optimizer step over a ``[grad_accum, B, T+1]`` token batch."""
 
+    t = cfg.train
+
     def loss_fn(params, tokens_BT1):
-        return lm_loss(nnx.merge(graphdef, params), tokens_BT1, chunk=cfg.train.loss_chunk)
+        return lm_loss(nnx.merge(graphdef, params), tokens_BT1, chunk=t.loss_chunk, fused=t.fused_loss,
+                       remat=t.remat, scan_layers=t.scan_layers)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -89,6 +93,13 @@ def make_train_step(graphdef, tx, cfg: C.Config):
     return train_step
 
 
+def jit_train_step(plan, cfg: C.Config):
+    """The jitted step as training runs it (and ``jaxlm.bench`` times it): the state's buffers
+    are donated, so the new state reuses the old one's memory."""
+    return jax.jit(make_train_step(plan.graphdef, plan.tx, cfg), donate_argnums=0,
+                   out_shardings=(plan.shardings, None))
+
+
 def make_eval_step(graphdef):
     def eval_step(params, tokens_BT1):
         loss, metrics = lm_loss(nnx.merge(graphdef, params), tokens_BT1)
@@ -106,6 +117,7 @@ class Preempted(Exception):
 def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
     """Train ``cfg``; returns a dict with the final step, losses and output paths."""
     from jaxlm import data  # the data stack (grain, tokenizers) is only needed to train
+    from jaxlm import checkpoint  # Orbax and grain too: jaxlm.bench builds the step without them
 
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
@@ -125,10 +137,17 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
     plan = plan_state(cfg, mesh)
     graphdef, tx, learning_rates = plan.graphdef, plan.tx, plan.learning_rates
 
-    with jax.set_mesh(mesh):
-        start_step, state = ckpt.restore_latest(plan.abstract, train_iter, log=monitor.print)
+    with sharding.use_mesh(mesh):
+        start_step, state, data_restored = ckpt.restore_latest(plan.abstract, train_iter, log=monitor.print)
         if state is not None:
             monitor.print(f"resumed from {ckpt.directory / str(start_step)}")
+            if not data_restored:
+                # Saved by another number of processes: each process's stream is different
+                # now, so the best continuation is to skip as many batches as were consumed.
+                monitor.print(f"the data position was saved for another process count; skipping "
+                              f"{start_step} batches of the new pipeline to continue past them")
+                for _ in range(start_step):
+                    next(train_iter)
         else:
             start_step = 0
             state = plan.init(cfg)
@@ -138,8 +157,7 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
                 start_step = int(state["step"])
         monitor.advance(start_step)
 
-        step_fn = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=0,
-                          out_shardings=(plan.shardings, None))
+        step_fn = jit_train_step(plan, cfg)
         eval_fn = jax.jit(make_eval_step(graphdef))
         flops_per_step = cfg.model.flops_per_token(t.seq_len) * t.batch_size * t.seq_len * t.grad_accum
         peak = hardware.peak_flops_per_device()
@@ -183,8 +201,11 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
             result["unigram_loss"] = unigram_baseline(cfg, tokenizer)
             monitor.log(step, {"loss": result["eval_loss"], "unigram_baseline": result["unigram_loss"]},
                         prefix="eval")
+            if t.sample_prompt:
+                params = (multihost_utils.process_allgather(state["params"], tiled=True)
+                          if jax.process_count() > 1 else jax.device_get(state["params"]))
             if t.sample_prompt and is_main:
-                model = nnx.merge(graphdef, jax.device_get(state["params"]))
+                model = nnx.merge(graphdef, params)
                 result["sample"] = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, cfg.seed)
                 monitor.print(f"sample: {t.sample_prompt}{result['sample']}")
         else:
@@ -271,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(cfg))
         if args.dry_run:
             return 0
+        sharding.initialize_distributed()
         result = train(cfg, init_from=args.init_from)
     except JaxlmError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -20,6 +20,18 @@ nnx.use_eager_sharding(False)
 
 INIT_STD = 0.02
 
+# Logical axis name -> mesh axes for activations, set by jaxlm.sharding.activation_rules
+# while a mesh is in use; None (the default) leaves activation layouts to XLA.
+_ACTIVATION_RULES: dict | None = None
+
+
+def constrain(x, *logical_axes: str):
+    """Pin an activation's layout by logical axis names (e.g. "batch", "length", "embed")."""
+    if _ACTIVATION_RULES is None:
+        return x
+    spec = jax.sharding.PartitionSpec(*(_ACTIVATION_RULES.get(name) for name in logical_axes))
+    return jax.lax.with_sharding_constraint(x, spec)
+
 
 def dense(in_features: int, out_features: int, axes: tuple[str, str], *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     """A bias-free projection with float32 master weights and ``dtype`` compute."""
@@ -77,8 +89,79 @@ def rope(x_BTHK, positions_BT, *, theta: float, pairing: str):
     return out.astype(x_BTHK.dtype)
 
 
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def _remat_policy(remat: str):
+    if remat == "full":   # keep only each block's input; recompute the whole block in the backward pass
+        return jax.checkpoint_policies.nothing_saveable
+    if remat == "dots":   # keep the projections' outputs; recompute norms, RoPE, activations, attention
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise ValueError(f"unknown remat policy {remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
+
+
+def repeat_period(graphdefs) -> tuple[int, int]:
+    """``(period, groups)``: the leading ``groups`` x ``period`` blocks repeat with that period.
+
+    Blocks whose graphdefs are equal have the same structure and static settings (a sliding
+    and a global block differ in their window), so alternating sliding/global layers repeat
+    with period 2. Chosen to cover the most layers; ``groups`` < 2 means nothing repeats.
+    """
+    n, best = len(graphdefs), (1, 0)
+    for period in range(1, n // 2 + 1):
+        groups = 1
+        while (groups + 1) * period <= n and all(
+                graphdefs[groups * period + j] == graphdefs[j] for j in range(period)):
+            groups += 1
+        if groups >= 2 and groups * period > best[0] * best[1]:
+            best = (period, groups)
+    return best
+
+
+def run_blocks(blocks, x, *args, remat: str = "none", scan: bool = False):
+    """``x = block(x, *args)`` for each block in order: the same function, computed faster or leaner.
+
+    ``remat`` recomputes each block's activations in the backward pass instead of keeping them
+    (``REMAT_POLICIES``), trading compute for memory so that larger batches fit. ``scan`` runs
+    the repeating part of the stack as one ``jax.lax.scan`` over groups of layers, so XLA
+    compiles one group instead of every layer: the parameters are stacked per step, not stored
+    stacked, so checkpoints and the parameter tree do not change.
+    """
+    split = [nnx.split(block) for block in blocks]
+
+    def apply(graphdef, state, x):
+        # Block boundaries are where the activation layout is pinned (a no-op without a mesh).
+        return nnx.merge(graphdef, state)(constrain(x, "batch", "length", "act_embed"), *args)
+
+    if remat != "none":
+        apply = jax.checkpoint(apply, policy=_remat_policy(remat), static_argnums=(0,))
+    period, groups = repeat_period([graphdef for graphdef, _ in split]) if scan else (1, 0)
+    if groups >= 2:
+        graphdefs = [graphdef for graphdef, _ in split[:period]]
+        stacked = [jax.tree.map(lambda *layers: jnp.stack(layers),
+                                *(split[g * period + j][1] for g in range(groups)))
+                   for j in range(period)]
+
+        def group(x, states):
+            for graphdef, state in zip(graphdefs, states):
+                x = apply(graphdef, state, x)
+            return x, None
+
+        x, _ = jax.lax.scan(group, x, stacked)
+        split = split[groups * period:]
+    for graphdef, state in split:
+        x = apply(graphdef, state, x)
+    return constrain(x, "batch", "length", "act_embed")
+
+
+# Set by ``jaxlm.bench`` (in a process of its own) to time XLA's attention against cuDNN's.
+ATTENTION_OVERRIDE: str | None = None
+
+
 def attention_implementation(dtype) -> str:
     """cuDNN flash attention on GPU for half precision, XLA everywhere else."""
+    if ATTENTION_OVERRIDE:
+        return ATTENTION_OVERRIDE
     if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "xla"
@@ -99,3 +182,4 @@ def causal_attention(q_BTHK, k_BSHK, v_BSHK, *, window: int | None, implementati
         local_window_size=None if window is None else (window - 1, 0),
         implementation=implementation,
     )
+

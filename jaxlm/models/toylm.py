@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxlm import config as C
 from jaxlm.errors import ConfigError
-from jaxlm.models import layers
+from jaxlm.models import kv_cache, layers
 
 
 # Hashable because the model keeps its config as static graph data, which jit hashes;
@@ -134,6 +134,36 @@ class Attention(nnx.Module):
         out_BTHK = layers.causal_attention(q_BTHK, k_BTHK, v_BTHK, window=self.window)
         return self.o(out_BTHK.reshape(B, T, -1))
 
+    # ---- decoding with a KV cache (see kv_cache.py)
+
+    def _cache_qkv(self, x_BTD, positions_BT):
+        """Rotated queries and keys, and values, ``[B, T, H, K]``."""
+        cfg = self.cfg
+        B, T, _ = x_BTD.shape
+        split = lambda y: y.reshape(B, T, cfg.n_heads, cfg.head_dim)
+        q_BTHK, k_BTHK, v_BTHK = split(self.q(x_BTD)), split(self.k(x_BTD)), split(self.v(x_BTD))
+        q_BTHK = layers.rope(q_BTHK, positions_BT, theta=cfg.rope_theta, pairing=cfg.rope_pairing)
+        k_BTHK = layers.rope(k_BTHK, positions_BT, theta=cfg.rope_theta, pairing=cfg.rope_pairing)
+        return q_BTHK, k_BTHK, v_BTHK
+
+    def prefill(self, x_BTD, positions_BT, mask_BTT, k_cache_BHSK, v_cache_BHSK):
+        """Attend over the prompt itself, then store its keys and values in the empty cache."""
+        B, T, _ = x_BTD.shape
+        q_BTHK, k_BTHK, v_BTHK = self._cache_qkv(x_BTD, positions_BT)
+        to_cache = lambda y: y.transpose(0, 2, 1, 3).astype(k_cache_BHSK.dtype)
+        k_BHTK, v_BHTK = to_cache(k_BTHK), to_cache(v_BTHK)
+        out_BTHK = kv_cache.masked_attention(q_BTHK, k_BHTK, v_BHTK, mask_BTT)
+        return (self.o(out_BTHK.reshape(B, T, -1)), kv_cache.store_prompt(k_cache_BHSK, k_BHTK),
+                kv_cache.store_prompt(v_cache_BHSK, v_BHTK))
+
+    def decode(self, x_B1D, positions_B1, time, starts_B, k_cache_BHSK, v_cache_BHSK):
+        """One new token per row at ``time``: store its key and value, attend over the cache."""
+        B = x_B1D.shape[0]
+        q_B1HK, k_B1HK, v_B1HK = self._cache_qkv(x_B1D, positions_B1)
+        out_BHK, k_cache_BHSK, v_cache_BHSK = kv_cache.attend_one_token(
+            q_B1HK[:, 0], k_B1HK[:, 0], v_B1HK[:, 0], k_cache_BHSK, v_cache_BHSK, time, starts_B, window=self.window)
+        return self.o(out_BHK.reshape(B, 1, -1)), k_cache_BHSK, v_cache_BHSK
+
 
 class Block(nnx.Module):
     def __init__(self, cfg: ToyLMConfig, window: int | None, *, dtype, rngs: nnx.Rngs):
@@ -145,6 +175,17 @@ class Block(nnx.Module):
     def __call__(self, x_BTD, positions_BT):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+    def prefill(self, x_BTD, positions_BT, mask_BTT, k_cache, v_cache):
+        attn_BTD, k_cache, v_cache = self.attn.prefill(self.attn_norm(x_BTD), positions_BT, mask_BTT, k_cache, v_cache)
+        x_BTD = x_BTD + attn_BTD
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), k_cache, v_cache
+
+    def decode(self, x_B1D, positions_B1, time, starts_B, k_cache, v_cache):
+        attn_B1D, k_cache, v_cache = self.attn.decode(self.attn_norm(x_B1D), positions_B1, time, starts_B,
+                                                      k_cache, v_cache)
+        x_B1D = x_B1D + attn_B1D
+        return x_B1D + self.mlp(self.mlp_norm(x_B1D)), k_cache, v_cache
 
 
 class ToyLM(nnx.Module):
@@ -160,20 +201,25 @@ class ToyLM(nnx.Module):
             [Block(cfg, cfg.layer_window(i), dtype=dtype, rngs=rngs) for i in range(cfg.n_layers)])
         self.final_norm = layers.RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def hidden(self, ids_BT, positions_BT=None):
+    def hidden(self, ids_BT, positions_BT=None, *, remat: str = "none", scan_layers: bool = False):
         """The final-normed residual stream ``[B, T, dim]``; ``logits`` maps it to the vocabulary.
 
         The residual stream stays float32 (as under torch autocast); projections and
-        attention run in the compute dtype.
+        attention run in the compute dtype. ``remat`` and ``scan_layers`` change how the
+        blocks are computed, not what (see ``layers.run_blocks``).
         """
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
         x_BTD = self.embed(ids_BT)
         if self.cfg.embed_scale:
             x_BTD = x_BTD * math.sqrt(self.cfg.dim)
-        for block in self.blocks:
-            x_BTD = block(x_BTD, positions_BT)
+        x_BTD = layers.run_blocks(self.blocks, x_BTD, positions_BT, remat=remat, scan=scan_layers)
         return self.final_norm(x_BTD)
+
+    def output_projection(self):
+        """``(table_VD, cap, dtype)``: ``logits(x)`` is ``softcap(x @ table_VD.T, cap)`` with the
+        product in ``dtype``, what a loss needs to fuse the head with the cross-entropy."""
+        return self.embed.embedding[...], self.cfg.lm_head_logit_cap, self.dtype
 
     def logits(self, x_BTD):
         """Tied output head and soft-cap; float32 out, whatever the compute dtype."""
@@ -184,6 +230,61 @@ class ToyLM(nnx.Module):
 
     def __call__(self, ids_BT, positions_BT=None):
         return self.logits(self.hidden(ids_BT, positions_BT))
+
+    # ---- decoding with a KV cache: init_cache, prefill once, then decode_step per token
+
+    def cache_size(self, i: int, max_len: int) -> int:
+        """Slots of layer i's cache: a ring of its window for sliding layers, ``max_len`` for global ones."""
+        window = self.cfg.layer_window(i)
+        return max_len if window is None else min(window, max_len)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> kv_cache.KVCache:
+        """An empty cache for ``max_len`` time steps (prompt, left padding included, plus new tokens).
+
+        ``dtype`` defaults to the compute dtype (bf16 halves what each decode step reads)."""
+        cfg, dtype = self.cfg, dtype or self.dtype
+        shapes = [(batch, cfg.n_heads, self.cache_size(i, max_len), cfg.head_dim) for i in range(cfg.n_layers)]
+        return kv_cache.KVCache(keys=tuple(jnp.zeros(s, dtype) for s in shapes),
+                                values=tuple(jnp.zeros(s, dtype) for s in shapes),
+                                length=jnp.zeros((), jnp.int32), starts_B=jnp.zeros((batch,), jnp.int32))
+
+    def _embed_tokens(self, ids):
+        """Embeddings as ``hidden`` has them, upcast to float32 in case the table was cast down
+        for inference: the residual stream stays float32."""
+        x = self.embed(ids).astype(jnp.float32)
+        return x * math.sqrt(self.cfg.dim) if self.cfg.embed_scale else x
+
+    def prefill(self, ids_BT, cache: kv_cache.KVCache, starts_B=None):
+        """Run the prompt through the model in one pass into an empty cache.
+
+        ``starts_B``: where each row's real tokens begin (left padding before them, masked and
+        not counted in positions). Returns the last position's logits ``[B, V]`` and the cache.
+        """
+        B, T = ids_BT.shape
+        starts_B = jnp.zeros((B,), jnp.int32) if starts_B is None else jnp.asarray(starts_B, jnp.int32)
+        times_T = jnp.arange(T, dtype=jnp.int32)
+        positions_BT = times_T[None, :] - starts_B[:, None]
+        windows = {block.attn.window for block in self.blocks}
+        masks = {w: kv_cache.visible_keys(times_T, times_T, starts_B, w) for w in windows}
+        x_BTD, keys, values = self._embed_tokens(ids_BT), [], []
+        for block, k_cache, v_cache in zip(self.blocks, cache.keys, cache.values):
+            x_BTD, k_cache, v_cache = block.prefill(x_BTD, positions_BT, masks[block.attn.window], k_cache, v_cache)
+            keys.append(k_cache)
+            values.append(v_cache)
+        logits_BV = self.logits(self.final_norm(x_BTD[:, -1:]))[:, 0]
+        return logits_BV, kv_cache.KVCache(tuple(keys), tuple(values), jnp.asarray(T, jnp.int32), starts_B)
+
+    def decode_step(self, ids_B, cache: kv_cache.KVCache):
+        """Feed one token per row at time ``cache.length``; its logits ``[B, V]`` and the updated cache."""
+        time = cache.length
+        positions_B1 = (time - cache.starts_B)[:, None]
+        x_B1D, keys, values = self._embed_tokens(ids_B[:, None]), [], []
+        for block, k_cache, v_cache in zip(self.blocks, cache.keys, cache.values):
+            x_B1D, k_cache, v_cache = block.decode(x_B1D, positions_B1, time, cache.starts_B, k_cache, v_cache)
+            keys.append(k_cache)
+            values.append(v_cache)
+        logits_BV = self.logits(self.final_norm(x_B1D))[:, 0]
+        return logits_BV, kv_cache.KVCache(tuple(keys), tuple(values), time + 1, cache.starts_B)
 
 
 def softcap(logits, cap: float):
