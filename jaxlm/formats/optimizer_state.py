@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from jaxlm.errors import CheckpointError
+from jaxlm.optim import path_name
 
 # State tensor names of Muon, SGD, Adam(W), Moonlight-style Muon+AdamW -> slot.
 SLOT_NAMES = {
@@ -151,18 +152,8 @@ def global_step_of(optimizers: list[dict]) -> int | None:
 # ----------------------------------------------------------------------------- optax
 
 
-def _names(path) -> list[str]:
-    out = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                out.append(str(getattr(key, attr)))
-                break
-    return out
-
-
 def _slot_and_param(path) -> tuple[str | None, str | None]:
-    names = _names(path)
+    names = path_name(path).split("/")
     for i, name in enumerate(names):
         if name in SLOTS:
             rest = names[i + 1:]

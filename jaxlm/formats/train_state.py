@@ -22,20 +22,11 @@ from jaxlm.formats import read_checkpoint
 from jaxlm.formats.optimizer_state import fill_optax
 from jaxlm.formats import safetensors_file
 from jaxlm.formats.run_dir import TORCH_EXTRAS_FILE, TORCH_LAYOUT_FILE
+from jaxlm.optim import path_name
 
 # Fields that change parameter shapes: a mismatch is an error. Others (window, conventions,
 # soft-cap) only change the computation: the run's config wins and the difference is reported.
 SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "mlp_hidden")
-
-
-def _path_name(path) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return "/".join(parts).removesuffix("/value")
 
 
 def _place(array, leaf):
@@ -69,7 +60,7 @@ def init_train_state(source, cfg, state, *, key_map=None, out_dir=None, log=prin
     check_model_config(conv.model_cfg, cfg.model, source, log)
 
     def param(path, leaf):
-        name = _path_name(path)
+        name = path_name(path)
         if name not in conv.params:
             raise CheckpointError(f"{source} has no parameter {name}")
         try:
