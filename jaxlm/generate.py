@@ -22,6 +22,7 @@ gives the same text whatever the chunk size.
 from __future__ import annotations
 
 import argparse
+import codecs
 import functools
 import math
 import sys
@@ -42,7 +43,8 @@ from jaxlm.sampling import SamplingConfig, next_token
 EOS_TOKEN = "<|endoftext|>"
 CARD_SAMPLING = SamplingConfig(temperature=0.8, top_p=0.9, repetition_penalty=1.3)  # the model cards' settings
 DEFAULT_CHUNK = 16
-# fori_loop unroll factor of the decode loop (see docs/PERFORMANCE.md, "Generation").
+# fori_loop unroll factor of the decode loop: 4 was no faster on an H200 (docs/PERFORMANCE.md,
+# "Generation"), and a rolled loop compiles faster.
 DECODE_UNROLL = 1
 
 
@@ -361,7 +363,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=f"CTRL/HF rule; default {CARD_SAMPLING.repetition_penalty} when sampling, 1 with --greedy")
     parser.add_argument("--greedy", action="store_true", help="arg-max decoding")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable)")
+    parser.add_argument("--stop", action="append", default=[],
+                        help=r"stop when this string appears (repeatable; escapes like \n are understood)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU")
     parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK,
@@ -413,7 +416,8 @@ def _run(args) -> int:
         sys.stdout.flush()
     t0 = time.perf_counter()
     texts = generate_text(lm.model, lm.tokenizer, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                          seed=args.seed, stop=args.stop, chunk_size=args.chunk_size,
+                          seed=args.seed, stop=[codecs.decode(s, "unicode_escape") for s in args.stop],
+                          chunk_size=args.chunk_size,
                           on_text=on_text if streaming else None)
     seconds = time.perf_counter() - t0
     if streaming:
