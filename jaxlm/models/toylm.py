@@ -125,18 +125,11 @@ class Attention(nnx.Module):
         self.o = layers.dense(inner, cfg.dim, ("heads", "embed"), dtype=dtype, rngs=rngs)
 
     def __call__(self, x_BTD, positions_BT):
-        cfg = self.cfg
-        B, T, _ = x_BTD.shape
-        split = lambda y: y.reshape(B, T, cfg.n_heads, cfg.head_dim)
-        q_BTHK, k_BTHK, v_BTHK = split(self.q(x_BTD)), split(self.k(x_BTD)), split(self.v(x_BTD))
-        q_BTHK = layers.rope(q_BTHK, positions_BT, theta=cfg.rope_theta, pairing=cfg.rope_pairing)
-        k_BTHK = layers.rope(k_BTHK, positions_BT, theta=cfg.rope_theta, pairing=cfg.rope_pairing)
+        q_BTHK, k_BTHK, v_BTHK = self.qkv(x_BTD, positions_BT)
         out_BTHK = layers.causal_attention(q_BTHK, k_BTHK, v_BTHK, window=self.window)
-        return self.o(out_BTHK.reshape(B, T, -1))
+        return self.o(out_BTHK.reshape(*x_BTD.shape[:2], -1))
 
-    # ---- decoding with a KV cache (see kv_cache.py)
-
-    def _cache_qkv(self, x_BTD, positions_BT):
+    def qkv(self, x_BTD, positions_BT):
         """Rotated queries and keys, and values, ``[B, T, H, K]``."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
@@ -146,10 +139,12 @@ class Attention(nnx.Module):
         k_BTHK = layers.rope(k_BTHK, positions_BT, theta=cfg.rope_theta, pairing=cfg.rope_pairing)
         return q_BTHK, k_BTHK, v_BTHK
 
+    # ---- decoding with a KV cache (see kv_cache.py)
+
     def prefill(self, x_BTD, positions_BT, mask_BTT, k_cache_BHSK, v_cache_BHSK):
         """Attend over the prompt itself, then store its keys and values in the empty cache."""
         B, T, _ = x_BTD.shape
-        q_BTHK, k_BTHK, v_BTHK = self._cache_qkv(x_BTD, positions_BT)
+        q_BTHK, k_BTHK, v_BTHK = self.qkv(x_BTD, positions_BT)
         to_cache = lambda y: y.transpose(0, 2, 1, 3).astype(k_cache_BHSK.dtype)
         k_BHTK, v_BHTK = to_cache(k_BTHK), to_cache(v_BTHK)
         out_BTHK = kv_cache.masked_attention(q_BTHK, k_BHTK, v_BHTK, mask_BTT)
@@ -159,7 +154,7 @@ class Attention(nnx.Module):
     def decode(self, x_B1D, positions_B1, time, starts_B, k_cache_BHSK, v_cache_BHSK):
         """One new token per row at ``time``: store its key and value, attend over the cache."""
         B = x_B1D.shape[0]
-        q_B1HK, k_B1HK, v_B1HK = self._cache_qkv(x_B1D, positions_B1)
+        q_B1HK, k_B1HK, v_B1HK = self.qkv(x_B1D, positions_B1)
         out_BHK, k_cache_BHSK, v_cache_BHSK = kv_cache.attend_one_token(
             q_B1HK[:, 0], k_B1HK[:, 0], v_B1HK[:, 0], k_cache_BHSK, v_cache_BHSK, time, starts_B, window=self.window)
         return self.o(out_BHK.reshape(B, 1, -1)), k_cache_BHSK, v_cache_BHSK
