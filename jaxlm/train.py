@@ -135,7 +135,7 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
     train_iter = data.make_batch_iterator(cfg.data, tokenizer, split="train", **iterator_args)
 
     plan = plan_state(cfg, mesh)
-    graphdef, tx, learning_rates = plan.graphdef, plan.tx, plan.learning_rates
+    graphdef, learning_rates = plan.graphdef, plan.learning_rates
 
     with sharding.use_mesh(mesh):
         start_step, state, data_restored = ckpt.restore_latest(plan.abstract, train_iter, log=monitor.print)

@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tools.torch_port.toylm_torch import Attention, Config, ToyLM, rope
+from tools.torch_port.toylm_torch import Attention, Config, ToyLM
 
 ATTENTION_KERNELS = ("flex", "sdpa_flex", "sdpa")
 RESULT_TAG = "BENCH_RESULT "
@@ -71,14 +71,9 @@ class FastAttention(Attention):
         return self.kernel == "flex" or (self.kernel == "sdpa_flex" and sliding)
 
     def forward(self, x_BTD, window: int | None):
-        cfg = self.cfg
         B, T, _ = x_BTD.shape
-        split = lambda y: y.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        q, k, v = split(self.q_proj(x_BTD)), split(self.k_proj(x_BTD)), split(self.v_proj(x_BTD))
-        positions = torch.arange(T, device=x_BTD.device)
-        q = rope(q, positions, cfg.rope_theta, cfg.rope_pairing)
-        k = rope(k, positions, cfg.rope_theta, cfg.rope_pairing)
-        scale = 1.0 / math.sqrt(cfg.head_dim)
+        q, k, v, positions = self.qkv(x_BTD)
+        scale = 1.0 / math.sqrt(self.cfg.head_dim)
         if self.uses_flex(T):
             from torch.nn.attention.flex_attention import flex_attention
             out = flex_attention(q, k, v, block_mask=self.block_mask, scale=scale)

@@ -103,7 +103,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, inner, bias=False)
         self.o_proj = nn.Linear(inner, cfg.dim, bias=False)
 
-    def forward(self, x_BTD, window: int | None):
+    def qkv(self, x_BTD):
+        """Rotated queries and keys, values ``[B, H, T, K]``, and the positions 0..T-1."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         split = lambda y: y.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
@@ -111,11 +112,16 @@ class Attention(nn.Module):
         positions = torch.arange(T, device=x_BTD.device)
         q = rope(q, positions, cfg.rope_theta, cfg.rope_pairing)
         k = rope(k, positions, cfg.rope_theta, cfg.rope_pairing)
+        return q, k, v, positions
+
+    def forward(self, x_BTD, window: int | None):
+        B, T, _ = x_BTD.shape
+        q, k, v, positions = self.qkv(x_BTD)
         t, s = positions[:, None], positions[None, :]
         visible = s <= t
         if window is not None:
             visible = visible & (t - s < window)  # W keys including the query itself
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=1.0 / math.sqrt(cfg.head_dim))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=1.0 / math.sqrt(self.cfg.head_dim))
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
