@@ -54,6 +54,7 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.last_save_time = time.monotonic()
+        self.saving_step: int | None = None  # the step of the save in flight, for error messages
 
     # ---------------------------------------------------------------- config guard
 
@@ -86,11 +87,24 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(C.to_dict(self.cfg))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.saving_step = step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as error:  # noqa: BLE001 - disk full, permissions, quota: all end the same way
+            raise CheckpointError(self._save_failed(step, error)) from None
         self.last_save_time = time.monotonic()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the background saves are on disk (a failed one is reported here)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001
+            raise CheckpointError(self._save_failed(self.saving_step, error)) from None
+
+    def _save_failed(self, step, error: Exception) -> str:
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        return (f"could not write the checkpoint of step {step} to {self.directory} ({type(error).__name__}: "
+                f"{first_line}); the previous checkpoints are intact: free space and re-run to resume")
 
     def close(self) -> None:
         self.manager.close()

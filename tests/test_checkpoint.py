@@ -210,3 +210,34 @@ def test_two_processes_train_checkpoint_die_and_resume_on_one(tmp_path):
     assert "saved for another process count" in resumed.stdout
     _, step = final_params(out)
     assert step == 20
+
+
+def test_a_save_that_runs_out_of_space_leaves_the_previous_checkpoint_intact(tmp_path):
+    """Writes beyond a file-size limit fail (EFBIG) as they do on a full disk: the limit lets the
+    run start (config and tokenizer files are small) but no checkpoint file fits."""
+    import resource
+    import shutil
+    config, out = write_config(tmp_path, "full_disk", steps=10, every=5)
+    train(config)
+    reference, _ = final_params(out)                      # step 10 of an undisturbed run
+    shutil.move(out / "checkpoints" / "10", tmp_path / "step10")  # so that step 10 must be redone
+    before, step = final_params(out)
+    assert step == 5
+
+    def small_files_only():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write returns an error instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, 32 * 1024))
+
+    failed = subprocess.run(command(config), capture_output=True, text=True, cwd=REPO, env=env(), timeout=300,
+                            preexec_fn=small_files_only)
+    assert "resumed from" in failed.stdout and "train step 10:" in failed.stdout, failed.stderr[-2000:]
+    assert failed.returncode == 2  # the save of step 10 could not be written, and the user is told so
+    assert "error: could not write the checkpoint of step 10" in failed.stderr
+    assert not (out / "checkpoints" / "10").exists()
+    after, step = final_params(out)
+    assert step == 5
+    assert_bit_identical(after, before)
+    train(config)  # with space again, the run resumes from step 5 and reaches the same step 10
+    resumed, step = final_params(out)
+    assert step == 10
+    assert_bit_identical(resumed, reference)
