@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from jaxlm import config as C  # light: no JAX, so the worker processes start fast
+
 RESULT_TAG = "BENCH_RESULT "
 
 # Named fast-path settings of ``cfg.train``, for before/after rows (``--variants``). "config" is the
@@ -219,7 +221,6 @@ def worker_main(spec: dict) -> dict:
     """One row, run in this (child) process: ``spec`` says what to time."""
     if spec["impl"] == "torch":
         raise ValueError("torch rows run in tools.torch_port.bench_torch")
-    from jaxlm import config as C
 
     cfg = C.load_config(spec["config"], spec["overrides"])
     attention = apply_variant(cfg, spec["variant"])
@@ -319,7 +320,6 @@ def ratios(rows: list[dict]) -> list[str]:
 
 
 def train_mode(args, overrides: list[str]) -> int:
-    from jaxlm import config as C
 
     cfg = C.load_config(args.config, overrides)
     t = cfg.train
@@ -402,7 +402,6 @@ def _spec(impl, variant, args, overrides, *, batch, seq, accum) -> dict:
 
 
 def decode_mode(args, overrides: list[str]) -> int:
-    from jaxlm import config as C
     from jaxlm import generate
 
     benchmark = getattr(generate, "benchmark_decode", None)
@@ -464,12 +463,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--timeout", type=float, default=1800, help="seconds per row")
     p.add_argument("--json", help="also write every row here")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
-    args, rest = p.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            p.error(f"unrecognised argument {item!r}; config fields are set as --config.train.steps=200")
-        overrides.append(item[len("--config."):])
+    args, overrides = C.parse_args_with_overrides(p, argv)
     if not args._worker and args.mode != "data" and not args.config:
         p.error("--config is required")
     return args, overrides

@@ -382,6 +382,18 @@ def load_config(name: str, overrides: list[str] = ()) -> Config:
     return validate(cfg)
 
 
+def parse_args_with_overrides(parser, argv) -> tuple[Any, list[str]]:
+    """``parser``'s own arguments, and the ``--config.SECTION.FIELD=VALUE`` overrides as
+    ``SECTION.FIELD=VALUE``; any other argument is a usage error."""
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r}; config fields are set as --config.train.steps=200")
+        overrides.append(item[len("--config."):])
+    return args, overrides
+
+
 def apply_override(cfg: Config, item: str) -> None:
     """Set one field from ``train.steps=200`` (the value is parsed for the field's type)."""
     if "=" not in item:

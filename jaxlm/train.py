@@ -276,13 +276,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", required=True, help="config name in configs/ (e.g. crowfeather.py) or a path")
     parser.add_argument("--dry_run", action="store_true", help="print the model summary and exit")
     parser.add_argument("--init_from", help="initialise from a checkpoint (.pt, .safetensors or Orbax directory)")
-    args, rest = parser.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r}; config fields are set as --config.train.steps=200")
-        overrides.append(item[len("--config."):])
-    return args, overrides
+    return C.parse_args_with_overrides(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
