@@ -115,6 +115,16 @@ def forget_module(name="config"):
     sys.modules.pop(name, None)
 
 
+def load_as_upstream(src, tmp_path):
+    """``torch.load`` the way upstream does it: unrestricted, with its ``config`` module importable."""
+    sys.path.insert(0, str(tmp_path / "code_config"))
+    try:
+        return torch.load(src, weights_only=False)
+    finally:
+        sys.path.remove(str(tmp_path / "code_config"))
+        forget_module()
+
+
 def ids(seq_len, batch=2, seed=0, vocab=TINY["vocab_size"]):
     return np.random.default_rng(seed).integers(0, vocab, (batch, seq_len))
 
@@ -516,12 +526,7 @@ def test_round_trip_pt_orbax_pt_is_bit_exact(tmp_path):
     assert cli(["to-orbax", str(src), str(tmp_path / "exp")]) == 0
     assert (tmp_path / "exp" / "optimizer").is_dir()
     assert cli(["to-torch", str(tmp_path / "exp"), str(tmp_path / "back.pt")]) == 0
-    sys.path.insert(0, str(tmp_path / "code_config"))  # upstream's way: with its config module at hand
-    try:
-        original = torch.load(src, weights_only=False)
-    finally:
-        sys.path.remove(str(tmp_path / "code_config"))
-        forget_module()
+    original = load_as_upstream(src, tmp_path)
     back = torch.load(tmp_path / "back.pt", weights_only=True)
     original["cfg"] = dataclasses.asdict(original["cfg"])  # the object comes back as its fields
     assert back["cfg"] == original["cfg"]

@@ -17,7 +17,7 @@ from conftest import REPO
 
 torch = pytest.importorskip("torch", reason="the converter's tests build checkpoints with torch")
 
-from test_torch_port import TINY, assert_same_tensors, crowfeather_like, forget_module, ids  # noqa: E402
+from test_torch_port import TINY, assert_same_tensors, crowfeather_like, ids, load_as_upstream  # noqa: E402
 
 import jaxlm  # noqa: E402
 from jaxlm import checkpoint, sharding  # noqa: E402
@@ -96,12 +96,7 @@ def test_run_directory_back_to_torch_is_bit_exact_before_training(tmp_path):
     checkpoint.export_inference(tmp_path / "run", tmp_path / "inference", dtype="bfloat16")
     np.testing.assert_array_equal(np.asarray(jaxlm.load(tmp_path / "inference")(ids(20))), want)
     assert cli(["to-torch", str(tmp_path / "run"), str(tmp_path / "back.pt")]) == 0
-    sys.path.insert(0, str(tmp_path / "code_config"))
-    try:
-        original = torch.load(src, weights_only=False)
-    finally:
-        sys.path.remove(str(tmp_path / "code_config"))
-        forget_module()
+    original = load_as_upstream(src, tmp_path)
     back = torch.load(tmp_path / "back.pt", weights_only=True)
     original["cfg"] = {k: v for k, v in vars(original["cfg"]).items()}
     for group in back["optim"][0]["param_groups"] + back["optim"][1]["param_groups"]:
