@@ -110,10 +110,6 @@ def make_eval_step(graphdef):
 # --------------------------------------------------------------------------- the run
 
 
-class Preempted(Exception):
-    """SIGTERM/SIGINT arrived; the loop stops at the next step boundary and saves."""
-
-
 def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
     """Train ``cfg``; returns a dict with the final step, losses and output paths."""
     from jaxlm import data  # the data stack (grain, tokenizers) is only needed to train
@@ -165,7 +161,6 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
         stop = _install_signal_handlers()
         step = start_step
         window_start, window_steps = time.perf_counter(), 0
-        metrics = None
         while step < t.steps and not stop["now"]:
             host_batch = next(train_iter)
             tokens = sharding.global_batch(
