@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -73,7 +74,7 @@ def time_train_step(cfg, *, steps: int, repeats: int, warmup: int, attention: st
     mesh = sharding.make_mesh(cfg.mesh)
     plan = plan_state(cfg, mesh)
     rng = np.random.default_rng(cfg.seed)
-    with jax.set_mesh(mesh):
+    with sharding.use_mesh(mesh):  # as train.py: the mesh and the activation layouts
         state = plan.init(cfg)
         batches = [sharding.global_batch(
             rng.integers(0, cfg.model.vocab_size, (t.grad_accum, t.batch_size, t.seq_len + 1), dtype=np.int32),
@@ -155,7 +156,7 @@ def plan_max_batch(cfg, *, probe=(8, 16)) -> dict:
         plan = plan_state(cfg, mesh)
         tokens = jax.ShapeDtypeStruct((cfg.train.grad_accum, batch, cfg.train.seq_len + 1), "int32",
                                       sharding=NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
-        with jax.set_mesh(mesh):
+        with sharding.use_mesh(mesh):
             sizes[batch] = _memory_estimate(jit_train_step(plan, cfg).lower(plan.abstract, tokens).compile())
     (b0, m0), (b1, m1) = sorted(sizes.items())
     per_row = (m1 - m0) / (b1 - b0)
@@ -231,6 +232,9 @@ def worker_main(spec: dict) -> dict:
                            attention=attention, profile_dir=spec.get("profile_dir"), hlo_path=spec.get("hlo_path"))
 
 
+EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit)\b.*:")
+
+
 def run_row(spec: dict, timeout: float) -> dict:
     """Run one row in a child process; its result, or the reason it has none."""
     if spec["impl"] == "torch":
@@ -248,11 +252,14 @@ def run_row(spec: dict, timeout: float) -> dict:
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-12:]
+    tail = (done.stderr or done.stdout).strip().splitlines()[-60:]
     text = "\n".join(tail)
     if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
         return {"error": "out of memory", "log": text}
-    return {"error": "failed: " + (tail[-1][:120] if tail else f"exit status {done.returncode}"), "log": text}
+    # XLA's messages span many lines (HLO follows them): name the exception's own line.
+    raised = [line for line in tail if EXCEPTION_LINE.match(line)]
+    reason = (raised or tail or [f"exit status {done.returncode}"])[-1]
+    return {"error": "failed: " + reason[:200], "log": text}
 
 
 # --------------------------------------------------------------------------- the table

@@ -32,8 +32,9 @@ LOGICAL_RULES = {
 }
 
 
-# Activations at block boundaries: sequences split like the batch, the residual stream whole.
-ACTIVATION_RULES = {"batch": BATCH_AXES, "length": None, "act_embed": None}
+# Activations at block boundaries: sequences split like the batch, the residual stream whole;
+# attention's inputs split by heads like the projections that make them.
+ACTIVATION_RULES = {"batch": BATCH_AXES, "length": None, "act_embed": None, "act_heads": "tensor"}
 
 
 @contextlib.contextmanager

@@ -25,11 +25,11 @@ INIT_STD = 0.02
 _ACTIVATION_RULES: dict | None = None
 
 
-def constrain(x, *logical_axes: str):
-    """Pin an activation's layout by logical axis names (e.g. "batch", "length", "embed")."""
+def constrain(x, *logical_axes: str | None):
+    """Pin an activation's layout by logical axis names (e.g. "batch", "length", "embed"; None: whole)."""
     if _ACTIVATION_RULES is None:
         return x
-    spec = jax.sharding.PartitionSpec(*(_ACTIVATION_RULES.get(name) for name in logical_axes))
+    spec = jax.sharding.PartitionSpec(*(_ACTIVATION_RULES.get(name) if name else None for name in logical_axes))
     return jax.lax.with_sharding_constraint(x, spec)
 
 
@@ -175,6 +175,10 @@ def causal_attention(q_BTHK, k_BSHK, v_BSHK, *, window: int | None, implementati
     cuDNN given a window without it would let queries see the future.
     """
     implementation = implementation or attention_implementation(q_BTHK.dtype)
+    # Sequences and heads split, as the projections that made them: left to propagation,
+    # FSDP's layouts (weights split on the contracted axis) reach cuDNN's partitioner as
+    # mismatched query/key/value shardings, which it refuses.
+    q_BTHK, k_BSHK, v_BSHK = (constrain(x, "batch", "length", "act_heads", None) for x in (q_BTHK, k_BSHK, v_BSHK))
     return jax.nn.dot_product_attention(
         q_BTHK, k_BSHK, v_BSHK,
         scale=1.0 / math.sqrt(q_BTHK.shape[-1]),
@@ -182,4 +186,3 @@ def causal_attention(q_BTHK, k_BSHK, v_BSHK, *, window: int | None, implementati
         local_window_size=None if window is None else (window - 1, 0),
         implementation=implementation,
     )
-
