@@ -113,7 +113,7 @@ def test_pretokenized_sources_need_a_named_tokenizer(tmp_path):
 
 
 def test_cli_reports_errors_in_one_line(tmp_path, capsys):
-    assert main(["train", "--source", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "t.json")]) == 1
+    assert main(["train", "--source", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "t.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "missing.jsonl: no such file or directory" in err
 

@@ -192,7 +192,7 @@ def main(argv=None) -> int:
                        text_column=args.text_column, max_docs=args.docs, overwrite=args.overwrite)
     except JaxlmError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"prepared {spec} in {args.data_dir}; use DataSource({spec!r}) with data.tfds_data_dir={args.data_dir!r}")
     return 0
 

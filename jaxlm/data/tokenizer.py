@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.run(args)
     except JaxlmError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
