@@ -72,3 +72,49 @@ def test_fsdp_divides_parameter_and_optimizer_memory(quickstart):
     print(f"per-device params+optimizer bytes: {per_device} (x{ratio:.2f} less with fsdp=8)")
     # Norm weights (128 floats each) stay replicated, so the cut is a little under 8x.
     assert ratio > 7.5
+
+
+
+@pytest.mark.parametrize("builder", ["train", "bench"])
+def test_fsdp_gives_cudnn_attention_query_key_value_of_one_layout(monkeypatch, builder):
+    """cuDNN's attention partitioner refuses mismatched query/key/value shardings; FSDP did so
+    on GPU when the benchmark built its step without the activation layouts training pins.
+    The check is Python run while XLA partitions, so it can be watched on CPU: JAX's GPU-only
+    trace checks are stubbed, and compiling stops later, at the cuDNN kernel's (absent) CPU
+    lowering. Both ways of building the step are checked: training's and the benchmark's."""
+    fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    if not all(hasattr(fused, name) for name in ("check_cudnn_version", "check_compute_capability",
+                                                 "check_is_flash_attention", "_check_qkv_bias_mask_spec")):
+        pytest.skip("this JAX's cuDNN attention internals differ from the ones this test watches")
+    from jaxlm import bench
+    from jaxlm.models import layers
+    from jaxlm.train import jit_train_step
+
+    seen = []
+    check = fused._check_qkv_bias_mask_spec
+
+    def watched_check(q, k, v, *rest):
+        seen.append((q, k, v))
+        return check(q, k, v, *rest)
+
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91900)
+    monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(fused, "check_is_flash_attention", lambda *args, **kwargs: None)
+    monkeypatch.setattr(fused, "_check_qkv_bias_mask_spec", watched_check)
+    monkeypatch.setattr(layers, "ATTENTION_OVERRIDE", "cudnn")
+
+    cfg = C.load_config("quickstart.py", ["model.n_layers=2", "train.batch_size=8", "train.seq_len=64",
+                                          "train.compute_dtype=bfloat16", "mesh.data=1", "mesh.fsdp=8"])
+    with pytest.raises(Exception, match="not found for platform cpu"):
+        if builder == "bench":
+            bench.time_train_step(cfg, steps=1, repeats=1, warmup=0)
+        else:
+            mesh = sharding.make_mesh(cfg.mesh)
+            plan = plan_state(cfg, mesh)
+            tokens = jax.ShapeDtypeStruct((1, 8, 65), "int32", sharding=jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)))
+            with sharding.use_mesh(mesh):
+                jit_train_step(plan, cfg).lower(plan.abstract, tokens).compile()
+    assert seen, "the partitioner was never asked"
+    for q, k, v in seen:
+        assert q == k == v and q[0] is not None, (q, k, v)

@@ -175,9 +175,9 @@ def causal_attention(q_BTHK, k_BSHK, v_BSHK, *, window: int | None, implementati
     cuDNN given a window without it would let queries see the future.
     """
     implementation = implementation or attention_implementation(q_BTHK.dtype)
-    # Sequences and heads split, as the projections that made them: left to propagation,
-    # FSDP's layouts (weights split on the contracted axis) reach cuDNN's partitioner as
-    # mismatched query/key/value shardings, which it refuses.
+    # Sequences and heads split, as the projections made them. cuDNN's partitioner refuses
+    # query/key/value of different layouts, which Shardy's propagation produced under FSDP
+    # when no activation was pinned (tests/test_sharding.py watches that check).
     q_BTHK, k_BSHK, v_BSHK = (constrain(x, "batch", "length", "act_heads", None) for x in (q_BTHK, k_BSHK, v_BSHK))
     return jax.nn.dot_product_attention(
         q_BTHK, k_BSHK, v_BSHK,
