@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.errors import ConfigError, JaxlmError
-from jaxlm.models import decode_kernels, kv_cache
+from jaxlm.models import kv_cache
 from jaxlm.sampling import SamplingConfig, next_token
 
 # jaxlm.data.tokenizer.DEFAULT_EOS, spelled out: importing jaxlm.data pulls in Grain, which
@@ -79,6 +79,13 @@ def inference_params(model):
     return graphdef, jax.tree.map(cast, params)
 
 
+def min_decode_rows() -> int:
+    """Rows a decode step runs with at least. On GPU, XLA turns a one-row matmul into an
+    elementwise product plus a reduction (two kernels, the product written out), which made
+    batch-1 decoding slower than batch 2 on an H200; a copy of the row avoids that."""
+    return 2 if jax.default_backend() == "gpu" else 1
+
+
 def _accept(state: DecodeState, token_B, eos_id: int) -> DecodeState:
     """Record a sampled token: rows already done keep repeating EOS, the context mask grows."""
     token_B = jnp.where(state.done_B, eos_id, token_B)
@@ -113,11 +120,10 @@ def _decode_chunk(graphdef, params, state: DecodeState, *, steps, sampling, eos_
     Returns the new state and the ``[B, steps]`` tokens sampled.
     """
     model = nnx.merge(graphdef, params)
-    weights = model.decode_weights(state.cache)   # once a chunk: XLA would not hoist it out of the loop
 
     def step(i, carry):
         state, tokens_BN = carry
-        logits_BV, cache = model.decode_step(state.token_B, state.cache, weights)
+        logits_BV, cache = model.decode_step(state.token_B, state.cache)
         # cache.length is now the time of the token being sampled.
         token_B = next_token(logits_BV, state.seen_BV, jax.random.fold_in(state.rng, cache.length), sampling)
         state = _accept(state._replace(cache=cache), token_B, eos_id)
@@ -159,7 +165,7 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     n_chunks = math.ceil((max_new_tokens - 1) / chunk_size)
     prompt_len = bucket(max(map(len, prompts)))
     cache_len = bucket(prompt_len + n_chunks * chunk_size)   # every time step the chunks will write
-    rows = prompts + prompts[-1:] * (decode_kernels.padded_rows(len(prompts)) - len(prompts))  # extras dropped
+    rows = prompts + prompts[-1:] * (min_decode_rows() - len(prompts))   # extra rows are dropped
     ids_BP = np.zeros((len(rows), prompt_len), np.int32)
     starts_B = np.array([prompt_len - len(p) for p in rows], np.int32)
     for row, prompt in enumerate(rows):
@@ -266,13 +272,12 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
 
 def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens: int = 256, dtype=jnp.bfloat16,
                      chunk_size: int | None = None, repeats: int = 5, unroll: int = DECODE_UNROLL,
-                     attention: str | None = None, decode: str | None = None, seed: int = 0) -> dict:
+                     attention: str | None = None, seed: int = 0) -> dict:
     """Greedy decoding speed of random weights: ``new_tokens`` cached decode steps after a prefill.
 
-    ``chunk_size`` steps run per call (default: all of them in one call); ``decode`` forces "xla"
-    or "fused" for the step (decode_kernels.py) and ``attention`` "xla" or "pallas" for the
-    cached attention of the XLA step. Returns tokens_per_s and ms_per_step (median over
-    ``repeats``; a batch runs as ``padded_rows(batch)`` rows and counts ``batch``), prefill_ms,
+    ``chunk_size`` steps run per call (default: all of them in one call); ``attention`` forces
+    "xla" or "pallas" for the cached attention. Returns tokens_per_s and ms_per_step (median over
+    ``repeats``; a batch of 1 runs as ``min_decode_rows()`` rows and counts one), prefill_ms,
     compile_s, and memory: params_bytes, cache_bytes, peak_bytes (parameters + decode state +
     the executable's temporaries, from XLA's memory analysis) and allocator_peak_bytes (the
     device allocator's process-wide peak, where the backend reports one).
@@ -283,18 +288,18 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
     else:
         model = build_model(cfg_or_model, rngs=nnx.Rngs(seed), dtype=dtype)
     cfg = model.cfg
+    rows = max(batch, min_decode_rows())
     chunk_size = chunk_size or new_tokens
     n_chunks = math.ceil(new_tokens / chunk_size)
     cache_len = bucket(prompt_len + n_chunks * chunk_size)
     sampling = SamplingConfig(greedy=True)
     graphdef, params = inference_params(model)
-    if (attention, decode) != (kv_cache.IMPLEMENTATION_OVERRIDE, decode_kernels.IMPLEMENTATION_OVERRIDE):
-        kv_cache.IMPLEMENTATION_OVERRIDE, decode_kernels.IMPLEMENTATION_OVERRIDE = attention, decode
-        jax.clear_caches()   # traces made with the other implementation must not be reused
-    rows = decode_kernels.padded_rows(batch)
     ids_BP = jax.random.randint(jax.random.key(seed + 1), (rows, prompt_len), 0, cfg.vocab_size, jnp.int32)
     starts_B = jnp.zeros((rows,), jnp.int32)
     kwargs = dict(steps=chunk_size, sampling=sampling, eos_id=-1, unroll=unroll)
+    if attention != kv_cache.IMPLEMENTATION_OVERRIDE:
+        kv_cache.IMPLEMENTATION_OVERRIDE = attention
+        jax.clear_caches()   # traces made with the other implementation must not be reused
 
     def fresh_state():
         state = _prefill(graphdef, params, ids_BP, starts_B, jax.random.key(seed), cache_len=cache_len,
@@ -325,8 +330,7 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
     stats = jax.devices()[0].memory_stats() or {}
     return dict(
         batch=batch, rows=rows, prompt_len=prompt_len, new_tokens=n_chunks * chunk_size, chunk_size=chunk_size,
-        dtype=jnp.dtype(model.dtype).name, decode=model.decode_implementation(state.cache),
-        attention=kv_cache.attention_implementation(state.cache.keys[-1]),
+        dtype=jnp.dtype(model.dtype).name, attention=kv_cache.attention_implementation(state.cache.keys[-1]),
         backend=jax.default_backend(), device=jax.devices()[0].device_kind,
         tokens_per_s=batch / step_s, ms_per_step=step_s * 1e3, prefill_ms=float(np.median(prefill_times)) * 1e3,
         compile_s=compile_s, params_bytes=nbytes(params), cache_bytes=nbytes(state.cache),

@@ -65,21 +65,17 @@ class SwiGLU(nnx.Module):
         return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
 
 
-def rope_angles(positions, head_dim: int, theta: float):
-    """``(cos, sin)`` of RoPE's angles, ``positions.shape + [head_dim / 2]``, float32."""
-    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angle = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angle), jnp.sin(angle)
-
-
 def rope(x_BTHK, positions_BT, *, theta: float, pairing: str):
     """Rotary position embedding on the last axis, computed in float32.
 
     ``rotate_half`` pairs dimension i with i + K/2 (Llama/HF); ``interleaved`` pairs
     2i with 2i + 1 (the original RoFormer / Meta-Llama complex form).
     """
-    cos_BTK2, sin_BTK2 = rope_angles(positions_BT, x_BTHK.shape[-1], theta)
-    cos_BT1K2, sin_BT1K2 = cos_BTK2[:, :, None, :], sin_BTK2[:, :, None, :]
+    head_dim = x_BTHK.shape[-1]
+    inv_freq_K2 = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angle_BTK2 = positions_BT.astype(jnp.float32)[..., None] * inv_freq_K2
+    cos_BT1K2 = jnp.cos(angle_BTK2)[:, :, None, :]
+    sin_BT1K2 = jnp.sin(angle_BTK2)[:, :, None, :]
     x32 = x_BTHK.astype(jnp.float32)
     if pairing == "rotate_half":
         x1, x2 = jnp.split(x32, 2, axis=-1)

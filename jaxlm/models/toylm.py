@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxlm import config as C
 from jaxlm.errors import ConfigError
-from jaxlm.models import decode_kernels, kv_cache, layers
+from jaxlm.models import kv_cache, layers
 
 
 # Hashable because the model keeps its config as static graph data, which jit hashes;
@@ -181,30 +181,6 @@ class Block(nnx.Module):
         x_B1D = x_B1D + attn_B1D
         return x_B1D + self.mlp(self.mlp_norm(x_B1D)), k_cache, v_cache
 
-    def qkv_weight(self):
-        """``[Wq | Wk | Wv]`` in the compute dtype, ``[dim, 3 * heads * head_dim]``: what the fused
-        decode step projects with (built once per decode call, outside the loop of steps)."""
-        attn = self.attn
-        return jnp.concatenate([attn.q.kernel[...], attn.k.kernel[...], attn.v.kernel[...]], axis=1).astype(attn.q.dtype)
-
-    def decode_fused(self, x_BD, rope_BR, time, starts_B, k_cache, v_cache, qkv_weight, *, interpret: bool = False):
-        """``decode`` in three fused kernels and the attention kernel (see decode_kernels.py).
-
-        ``x_BD`` is the float32 residual stream; ``rope_BR`` the rows' RoPE ``(cos, sin)``.
-        """
-        attn, mlp, cfg = self.attn, self.mlp, self.attn.cfg
-        B, dtype = x_BD.shape[0], attn.q.dtype
-        weight = lambda linear: linear.kernel[...].astype(dtype)   # a no-op on inference_params
-        q_BN, k_BN, v_BN = decode_kernels.norm_qkv_rope(x_BD, self.attn_norm.w[...], qkv_weight, *rope_BR,
-                                                        eps=cfg.norm_eps, head_dim=cfg.head_dim, interpret=interpret)
-        heads = lambda y_BN: y_BN.reshape(B, cfg.n_heads, cfg.head_dim)
-        out_BHK, k_cache, v_cache = kv_cache.attend_one_token(
-            heads(q_BN), heads(k_BN), heads(v_BN), k_cache, v_cache, time, starts_B, window=attn.window)
-        x_BD = decode_kernels.project_add(out_BHK.reshape(B, -1), weight(attn.o), x_BD, interpret=interpret)
-        hidden_BF = decode_kernels.norm_swiglu(x_BD, self.mlp_norm.w[...], weight(mlp.gate), weight(mlp.up),
-                                               eps=cfg.norm_eps, interpret=interpret)
-        return decode_kernels.project_add(hidden_BF, weight(mlp.down), x_BD, interpret=interpret), k_cache, v_cache
-
 
 class ToyLM(nnx.Module):
     """``model(ids_BT)`` returns soft-capped float32 logits ``[B, T, vocab]``."""
@@ -292,43 +268,16 @@ class ToyLM(nnx.Module):
         logits_BV = self.logits(self.final_norm(x_BTD[:, -1:]))[:, 0]
         return logits_BV, kv_cache.KVCache(tuple(keys), tuple(values), jnp.asarray(T, jnp.int32), starts_B)
 
-    def decode_implementation(self, cache: kv_cache.KVCache) -> str:
-        """"fused" (decode_kernels.py; rotate_half RoPE only) or "xla": how ``decode_step`` runs."""
-        cfg = self.cfg
-        choice = decode_kernels.implementation(self.dtype, cache.starts_B.shape[0], cfg.dim,
-                                               cfg.n_heads * cfg.head_dim, cfg.head_dim, cfg.mlp_hidden)
-        return choice if cfg.rope_pairing == "rotate_half" else "xla"
-
-    def decode_weights(self, cache: kv_cache.KVCache):
-        """What ``decode_step`` reads besides the parameters, to build once before a loop of steps:
-        each layer's ``[Wq | Wk | Wv]`` for the fused step, None for the XLA one."""
-        if self.decode_implementation(cache) == "xla":
-            return None
-        return tuple(block.qkv_weight() for block in self.blocks)
-
-    def decode_step(self, ids_B, cache: kv_cache.KVCache, weights=None):
-        """Feed one token per row at time ``cache.length``; its logits ``[B, V]`` and the updated cache.
-
-        ``weights``: ``decode_weights(cache)``, built here when not given.
-        """
+    def decode_step(self, ids_B, cache: kv_cache.KVCache):
+        """Feed one token per row at time ``cache.length``; its logits ``[B, V]`` and the updated cache."""
         time = cache.length
-        positions_B = time - cache.starts_B
-        x_BD, keys, values = self._embed_tokens(ids_B), [], []
-        implementation = self.decode_implementation(cache)
-        if implementation != "xla":
-            rope_BR = layers.rope_angles(positions_B, self.cfg.head_dim, self.cfg.rope_theta)
-            weights = self.decode_weights(cache) if weights is None else weights
-        for i, (block, k_cache, v_cache) in enumerate(zip(self.blocks, cache.keys, cache.values)):
-            if implementation == "xla":
-                x_B1D, k_cache, v_cache = block.decode(x_BD[:, None], positions_B[:, None], time, cache.starts_B,
-                                                       k_cache, v_cache)
-                x_BD = x_B1D[:, 0]
-            else:
-                x_BD, k_cache, v_cache = block.decode_fused(x_BD, rope_BR, time, cache.starts_B, k_cache, v_cache,
-                                                            weights[i], interpret=implementation == "fused_interpret")
+        positions_B1 = (time - cache.starts_B)[:, None]
+        x_B1D, keys, values = self._embed_tokens(ids_B[:, None]), [], []
+        for block, k_cache, v_cache in zip(self.blocks, cache.keys, cache.values):
+            x_B1D, k_cache, v_cache = block.decode(x_B1D, positions_B1, time, cache.starts_B, k_cache, v_cache)
             keys.append(k_cache)
             values.append(v_cache)
-        logits_BV = self.logits(self.final_norm(x_BD[:, None]))[:, 0]
+        logits_BV = self.logits(self.final_norm(x_B1D))[:, 0]
         return logits_BV, kv_cache.KVCache(tuple(keys), tuple(values), time + 1, cache.starts_B)
 
 
