@@ -143,7 +143,6 @@ def plan_max_batch(cfg, *, probe=(8, 16)) -> dict:
     """Largest micro-batch whose step fits: XLA's planned memory is affine in the batch, so two
     compiles (no run) give its slope and intercept; the device's byte limit gives the rest."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jaxlm import sharding
     from jaxlm.state import plan_state
@@ -155,7 +154,7 @@ def plan_max_batch(cfg, *, probe=(8, 16)) -> dict:
         cfg.train.batch_size = batch
         plan = plan_state(cfg, mesh)
         tokens = jax.ShapeDtypeStruct((cfg.train.grad_accum, batch, cfg.train.seq_len + 1), "int32",
-                                      sharding=NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
+                                      sharding=sharding.batch_sharding(mesh, batch_axis=1))
         with sharding.use_mesh(mesh):
             sizes[batch] = _memory_estimate(jit_train_step(plan, cfg).lower(plan.abstract, tokens).compile())
     (b0, m0), (b1, m1) = sorted(sizes.items())

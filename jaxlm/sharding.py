@@ -99,17 +99,14 @@ def state_shardings(abstract_state, mesh):
     return jax.tree.map(variable_or_array, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh) -> NamedSharding:
-    """Sequences split over data x fsdp; the time axis whole."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh, batch_axis: int = 0) -> NamedSharding:
+    """Sequences (axis ``batch_axis``) split over data x fsdp; every other axis whole."""
+    return NamedSharding(mesh, P(*[None] * batch_axis, BATCH_AXES))
 
 
 def global_batch(host_batch: np.ndarray, mesh, batch_axis: int = 0) -> jax.Array:
     """Assemble this process's rows into one global array sharded over data x fsdp."""
-    spec = [None] * host_batch.ndim
-    spec[batch_axis] = BATCH_AXES
-    sharding = NamedSharding(mesh, P(*spec))
-    return jax.make_array_from_process_local_data(sharding, host_batch)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, batch_axis), host_batch)
 
 
 # --------------------------------------------------------------------------- several hosts

@@ -111,8 +111,7 @@ def test_fsdp_gives_cudnn_attention_query_key_value_of_one_layout(monkeypatch, b
         else:
             mesh = sharding.make_mesh(cfg.mesh)
             plan = plan_state(cfg, mesh)
-            tokens = jax.ShapeDtypeStruct((1, 8, 65), "int32", sharding=jax.sharding.NamedSharding(
-                mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)))
+            tokens = jax.ShapeDtypeStruct((1, 8, 65), "int32", sharding=sharding.batch_sharding(mesh, batch_axis=1))
             with sharding.use_mesh(mesh):
                 jit_train_step(plan, cfg).lower(plan.abstract, tokens).compile()
     assert seen, "the partitioner was never asked"
