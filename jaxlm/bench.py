@@ -408,18 +408,14 @@ def _spec(impl, variant, args, overrides, *, batch, seq, accum) -> dict:
 
 
 def decode_mode(args, overrides: list[str]) -> int:
-    from jaxlm import generate
-
-    benchmark = getattr(generate, "benchmark_decode", None)
-    if benchmark is None:
-        print("decode: not available yet (jaxlm.generate.benchmark_decode does not exist in this checkout)")
-        return 0
     import jax
+
+    from jaxlm.generate import benchmark_decode
 
     cfg = C.load_config(args.config, overrides)
     rows = []
     for batch in [int(b) for b in args.batch.split(",")] if args.batch else [1]:
-        result = benchmark(cfg.model, batch=batch, prompt_len=args.seq or 16)
+        result = benchmark_decode(cfg.model, batch=batch, prompt_len=args.seq or 16)
         rows.append({"batch": batch, **result})
         print(f"  decode batch {batch}: {json.dumps(result, default=str)}", flush=True)
     print(f"\n{datetime.date.today()}, {jax.devices()[0].device_kind}, jax {jax.__version__}: greedy decoding, "
@@ -427,10 +423,9 @@ def decode_mode(args, overrides: list[str]) -> int:
     print("| batch | tokens/s | ms per step | prefill ms | compile s | peak mem MiB |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        peak = r.get("peak_bytes")
-        print(f"| {r['batch']} | {r.get('tokens_per_s', 0):,.0f} | {r.get('ms_per_step', float('nan')):.3f} | "
-              f"{r.get('prefill_ms', float('nan')):.1f} | {r.get('compile_s', float('nan')):.1f} | "
-              f"{peak / 2**20:,.0f} |" if peak else "- |")
+        peak = f"{r['peak_bytes'] / 2**20:,.0f}" if r.get("peak_bytes") else "-"
+        print(f"| {r['batch']} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.3f} | {r['prefill_ms']:.1f} | "
+              f"{r['compile_s']:.1f} | {peak} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": str(datetime.date.today()), "mode": "decode", "rows": rows}, f, indent=1, default=str)
