@@ -122,7 +122,6 @@ def attention_kernels(hlo_text: str) -> dict:
     """What the compiled step calls for attention: cuDNN fused-attention custom calls (forward and
     backward) by target, with the sliding windows in their backend configs."""
     import collections
-    import re
 
     targets = re.findall(r'custom_call_target="(__cudnn\$fmha[^"]*)"', hlo_text)
     windows = re.findall(r'"sliding_window_length":\s*"?(\d+)', hlo_text)

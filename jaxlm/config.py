@@ -32,6 +32,10 @@ from jaxlm.errors import ConfigError
 # --------------------------------------------------------------------------- sections
 
 
+# How block activations are recomputed in the backward pass (models.layers.run_blocks).
+REMAT_POLICIES = ("none", "full", "dots")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     steps: int = 1000                 # optimizer steps of this run
@@ -55,7 +59,7 @@ class TrainConfig:
         _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "log_every", "sample_tokens")
         _non_negative(self, "eval_every", "eval_batches", "loss_chunk")
         _choice(self, "compute_dtype", ("bfloat16", "float32"))
-        _choice(self, "remat", ("none", "full", "dots"))
+        _choice(self, "remat", REMAT_POLICIES)
 
 
 @dataclasses.dataclass

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.config import REMAT_POLICIES
+
 # Parameters carry logical axis names as metadata; they are placed on the mesh by
 # jaxlm/sharding.py after creation, not eagerly by Flax (which would need a mesh at
 # construction time and would put device logic into model code).
@@ -87,9 +89,6 @@ def rope(x_BTHK, positions_BT, *, theta: float, pairing: str):
     else:
         raise ValueError(f"unknown RoPE pairing {pairing!r}")
     return out.astype(x_BTHK.dtype)
-
-
-REMAT_POLICIES = ("none", "full", "dots")
 
 
 def _remat_policy(remat: str):

@@ -204,9 +204,7 @@ class ToyLM(nnx.Module):
         """
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
-        x_BTD = self.embed(ids_BT)
-        if self.cfg.embed_scale:
-            x_BTD = x_BTD * math.sqrt(self.cfg.dim)
+        x_BTD = self._embed_tokens(ids_BT)
         x_BTD = layers.run_blocks(self.blocks, x_BTD, positions_BT, remat=remat, scan=scan_layers)
         return self.final_norm(x_BTD)
 
@@ -243,8 +241,8 @@ class ToyLM(nnx.Module):
                                 length=jnp.zeros((), jnp.int32), starts_B=jnp.zeros((batch,), jnp.int32))
 
     def _embed_tokens(self, ids):
-        """Embeddings as ``hidden`` has them, upcast to float32 in case the table was cast down
-        for inference: the residual stream stays float32."""
+        """Token embeddings in float32 (the table may have been cast down for inference) and
+        scaled when the config says so: the start of the residual stream, which stays float32."""
         x = self.embed(ids).astype(jnp.float32)
         return x * math.sqrt(self.cfg.dim) if self.cfg.embed_scale else x
 
