@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.errors import ConfigError, JaxlmError
-from jaxlm.models import kv_cache
+from jaxlm.models import kv_cache, toylm_decode
 from jaxlm.sampling import SamplingConfig, next_token
 
 # jaxlm.data.tokenizer.DEFAULT_EOS, spelled out: importing jaxlm.data pulls in Grain, which
@@ -120,10 +120,13 @@ def _decode_chunk(graphdef, params, state: DecodeState, *, steps, sampling, eos_
     Returns the new state and the ``[B, steps]`` tokens sampled.
     """
     model = nnx.merge(graphdef, params)
+    decode_step = model.decode_step
+    if toylm_decode.implementation(model, state.token_B.shape[0], state.cache.keys[0].dtype) == "cuda":
+        decode_step = functools.partial(toylm_decode.decode_step, model, toylm_decode.prepare(model))
 
     def step(i, carry):
         state, tokens_BN = carry
-        logits_BV, cache = model.decode_step(state.token_B, state.cache)
+        logits_BV, cache = decode_step(state.token_B, state.cache)
         # cache.length is now the time of the token being sampled.
         token_B = next_token(logits_BV, state.seen_BV, jax.random.fold_in(state.rng, cache.length), sampling)
         state = _accept(state._replace(cache=cache), token_B, eos_id)
@@ -272,11 +275,12 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
 
 def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens: int = 256, dtype=jnp.bfloat16,
                      chunk_size: int | None = None, repeats: int = 5, unroll: int = DECODE_UNROLL,
-                     attention: str | None = None, seed: int = 0) -> dict:
+                     attention: str | None = None, step: str | None = None, seed: int = 0) -> dict:
     """Greedy decoding speed of random weights: ``new_tokens`` cached decode steps after a prefill.
 
     ``chunk_size`` steps run per call (default: all of them in one call); ``attention`` forces
-    "xla" or "pallas" for the cached attention. Returns tokens_per_s and ms_per_step (median over
+    "xla" or "pallas" for the cached attention, ``step`` "xla" or "cuda" for the whole decode
+    step (``toylm_decode``). Returns tokens_per_s and ms_per_step (median over
     ``repeats``; a batch of 1 runs as ``min_decode_rows()`` rows and counts one), prefill_ms,
     compile_s, and memory: params_bytes, cache_bytes, peak_bytes (parameters + decode state +
     the executable's temporaries, from XLA's memory analysis) and allocator_peak_bytes (the
@@ -297,8 +301,8 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
     ids_BP = jax.random.randint(jax.random.key(seed + 1), (rows, prompt_len), 0, cfg.vocab_size, jnp.int32)
     starts_B = jnp.zeros((rows,), jnp.int32)
     kwargs = dict(steps=chunk_size, sampling=sampling, eos_id=-1, unroll=unroll)
-    if attention != kv_cache.IMPLEMENTATION_OVERRIDE:
-        kv_cache.IMPLEMENTATION_OVERRIDE = attention
+    if (attention, step) != (kv_cache.IMPLEMENTATION_OVERRIDE, toylm_decode.IMPLEMENTATION_OVERRIDE):
+        kv_cache.IMPLEMENTATION_OVERRIDE, toylm_decode.IMPLEMENTATION_OVERRIDE = attention, step
         jax.clear_caches()   # traces made with the other implementation must not be reused
 
     def fresh_state():
@@ -331,6 +335,7 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
     return dict(
         batch=batch, rows=rows, prompt_len=prompt_len, new_tokens=n_chunks * chunk_size, chunk_size=chunk_size,
         dtype=jnp.dtype(model.dtype).name, attention=kv_cache.attention_implementation(state.cache.keys[-1]),
+        step=toylm_decode.implementation(model, rows, state.cache.keys[0].dtype),
         backend=jax.default_backend(), device=jax.devices()[0].device_kind,
         tokens_per_s=batch / step_s, ms_per_step=step_s * 1e3, prefill_ms=float(np.median(prefill_times)) * 1e3,
         compile_s=compile_s, params_bytes=nbytes(params), cache_bytes=nbytes(state.cache),

@@ -67,15 +67,18 @@ class SwiGLU(nnx.Module):
         return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
 
 
+def rope_frequencies(head_dim: int, theta: float):
+    """``[head_dim / 2]`` float32 angular frequencies of RoPE's pairs: ``theta ** (-2i / head_dim)``."""
+    return theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+
+
 def rope(x_BTHK, positions_BT, *, theta: float, pairing: str):
     """Rotary position embedding on the last axis, computed in float32.
 
     ``rotate_half`` pairs dimension i with i + K/2 (Llama/HF); ``interleaved`` pairs
     2i with 2i + 1 (the original RoFormer / Meta-Llama complex form).
     """
-    head_dim = x_BTHK.shape[-1]
-    inv_freq_K2 = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angle_BTK2 = positions_BT.astype(jnp.float32)[..., None] * inv_freq_K2
+    angle_BTK2 = positions_BT.astype(jnp.float32)[..., None] * rope_frequencies(x_BTHK.shape[-1], theta)
     cos_BT1K2 = jnp.cos(angle_BTK2)[:, :, None, :]
     sin_BT1K2 = jnp.sin(angle_BTK2)[:, :, None, :]
     x32 = x_BTHK.astype(jnp.float32)

@@ -1,0 +1,545 @@
+// One ToyLM decode step (every layer, then the head) as a single persistent CUDA kernel.
+//
+// Why: on an H200 the XLA step is a chain of ~150 dependent kernels, each 1-4 us, for weights
+// read in ~25 us (docs/PERFORMANCE.md, "Generation"). Here one cooperative launch of one block
+// per multiprocessor runs five phases a layer, separated by grid-wide barriers:
+//   1. RMSNorm, Q/K/V, RoPE; the new key and value stored in the cache
+//   2. attention over the written slots, split over blocks (partial softmax sums)
+//   3. the splits combined, O projection, residual add
+//   4. RMSNorm, gate/up, SiLU * up
+//   5. down projection, residual add
+// and a last phase: final RMSNorm and the tied head. The numerics follow ToyLM.decode_step:
+// the residual stream is float32, and values are rounded to the compute dtype T wherever the
+// XLA path holds them in T (projection outputs, RoPE, attention output, the MLP product).
+//
+// Shapes are compile-time constants (-D flags from jaxlm/models/fused_decode.py, which builds
+// one library per model shape and batch). Weight matrices come transposed, [out, in], so that
+// each output is one warp's dot product over a contiguous row.
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace cg = cooperative_groups;
+namespace ffi = xla::ffi;
+
+#if JAXLM_DTYPE == 1
+using T = __nv_bfloat16;
+#elif JAXLM_DTYPE == 2
+using T = __half;
+#else
+using T = float;
+#endif
+
+constexpr int B = JAXLM_B;            // rows decoded together
+constexpr int D = JAXLM_D;            // model width
+constexpr int H = JAXLM_H;            // heads
+constexpr int K = JAXLM_K;            // head dim
+constexpr int F = JAXLM_F;            // MLP hidden width
+constexpr int V = JAXLM_V;            // vocabulary
+constexpr int L = JAXLM_L;            // layers
+constexpr int NB = JAXLM_BLOCKS;      // blocks: one per multiprocessor, all resident
+constexpr bool INTERLEAVED = JAXLM_INTERLEAVED;   // RoPE pairs 2i, 2i+1 (else i, i + K/2)
+
+constexpr int THREADS = 256, WARPS = THREADS / 32, TW = NB * WARPS;   // TW: warps in the grid
+constexpr int VEC = 16 / sizeof(T);                  // elements in one 16-byte load
+constexpr int NS = NB / (B * H) > 0 ? NB / (B * H) : 1;   // attention splits per (row, head)
+constexpr int TASKS = B * H * NS;
+constexpr int PART = K + 2;                          // a split's partial: max, sum, K outputs
+constexpr int KL = (K + 31) / 32;                    // head dims per lane
+// Warps sharing one row of the down projection (its inputs are F long), all in one block.
+constexpr int DOWN_PARTS = TW / D >= 8 ? 8 : TW / D >= 4 ? 4 : TW / D >= 2 ? 2 : 1;
+
+static_assert(D % VEC == 0 && F % (VEC * DOWN_PARTS) == 0, "rows must split into 16-byte chunks");
+static_assert(D == H * K && K % 2 == 0, "ToyLM shapes");
+static_assert(B <= 32, "a lane per row in the stores");
+
+// Workspace (float32 words): residual x [B, D], rotated queries [B, D], attention partials
+// [TASKS, PART], the MLP product [B, F] in T.
+constexpr int WS_X = 0, WS_Q = WS_X + B * D, WS_PART = WS_Q + B * D, WS_HID = (WS_PART + TASKS * PART + 3) / 4 * 4;
+constexpr int WS_FLOATS = WS_HID + (B * F * (int)sizeof(T) + 3) / 4;
+
+// Shared memory (float words): the activations a phase multiplies (B rows of D floats, or of
+// F elements of T), per-row norms, warp partials of attention, the down projection's parts.
+constexpr int ACT_FLOATS = (B * D > (B * F * (int)sizeof(T) + 3) / 4 ? B * D : (B * F * (int)sizeof(T) + 3) / 4);
+constexpr int SM_ACT = 0, SM_NORM = ACT_FLOATS, SM_WARP = SM_NORM + B,
+              SM_SPLIT = SM_WARP + WARPS * PART, SM_DOWN = SM_SPLIT + TASKS;
+constexpr int SMEM_BYTES = (SM_DOWN + WARPS * B) * 4;
+
+struct Params {
+  const int32_t* tokens;     // [B]  the token fed at this step
+  const int32_t* time;       // []   its time (cache.length)
+  const int32_t* starts;     // [B]  each row's first real time
+  const float* inv_freq;     // [K/2] RoPE frequencies, as layers.rope computes them
+  const T* embed;            // [V, D] (also the tied head)
+  const float* attn_norm;    // [L, D]
+  const T* wqkv;             // [L, 3D, D]
+  const T* wo;               // [L, D, D]
+  const float* mlp_norm;     // [L, D]
+  const T* wgu;              // [L, 2F, D]  gate rows, then up rows
+  const T* wdown;            // [L, D, F]
+  const float* final_norm;   // [D]
+  T* k_cache[L];             // [B, H, S_l, K]
+  T* v_cache[L];
+  int cache_size[L];
+  int window[L];             // keys visible within this many times; 0: global layer
+  float* ws;                 // workspace
+  float* logits;             // [B, V]
+  float eps, embed_scale, attn_scale;
+};
+
+// ------------------------------------------------------------------------------- helpers
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+template <typename U> __device__ __forceinline__ U from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
+// The value as the XLA path holds it in the compute dtype.
+__device__ __forceinline__ float round_t(float v) { return to_f(from_f<T>(v)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ void unpack(const uint4& raw, float (&out)[VEC]) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = to_f(e[i]);
+}
+
+// VEC activations from shared memory: float32 rows, or (the MLP product) rows of T.
+template <typename A>
+__device__ __forceinline__ void load_act(const A* a, float (&out)[VEC]) {
+  if constexpr (std::is_same_v<A, float>) {
+#pragma unroll
+    for (int i = 0; i < VEC; i += 4) {
+      const float4 f = *reinterpret_cast<const float4*>(a + i);
+      out[i] = f.x, out[i + 1] = f.y, out[i + 2] = f.z, out[i + 3] = f.w;
+    }
+  } else {
+    unpack(*reinterpret_cast<const uint4*>(a), out);
+  }
+}
+
+// The weight rows of one phase, held in registers: ITEMS items of ROWS rows, each row CH chunks
+// of VEC elements. Item i belongs to warp i mod TW. They are loaded a phase before they are
+// used, so that their latency hides behind the work and the barrier in between.
+template <int ITEMS, int ROWS, int CH>
+struct Tiles {
+  static constexpr int PER_WARP = (ITEMS + TW - 1) / TW, PER_LANE = (CH + 31) / 32;
+  uint4 w[PER_WARP][ROWS][PER_LANE];
+  int c0[PER_WARP][ROWS];   // first chunk of the row, where a row is split between warps
+
+  // row_ptr(item, r, c0) -> the row's chunk c0 (nullptr: no row, zeros).
+  template <typename RowPtr>
+  __device__ __forceinline__ void load(RowPtr row_ptr) {
+    const int lane = threadIdx.x % 32, warp = blockIdx.x * WARPS + threadIdx.x / 32;
+#pragma unroll
+    for (int it = 0; it < PER_WARP; ++it) {
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        c0[it][r] = 0;
+        const int item = warp + it * TW;
+        const uint4* row = item < ITEMS ? row_ptr(item, r, c0[it][r]) : nullptr;
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+          const int c = lane + 32 * j;
+          w[it][r][j] = row != nullptr && c < CH ? __ldg(row + c) : make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
+  }
+
+  // The products with the B activation rows in shared memory (row stride STRIDE);
+  // finish(item, sums[ROWS][B]) gets the sums in every lane.
+  template <int STRIDE, typename A, typename Finish>
+  __device__ __forceinline__ void multiply(const A* act, Finish finish) const {
+    const int lane = threadIdx.x % 32, warp = blockIdx.x * WARPS + threadIdx.x / 32;
+#pragma unroll
+    for (int it = 0; it < PER_WARP; ++it) {
+      const int item = warp + it * TW;
+      if (item >= ITEMS) break;   // warp-uniform
+      float sums[ROWS][B];
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+        for (int b = 0; b < B; ++b) sums[r][b] = 0.f;
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+          const int c = lane + 32 * j;
+          if (c < CH) {
+            float wf[VEC];
+            unpack(w[it][r][j], wf);
+#pragma unroll
+            for (int b = 0; b < B; ++b) {
+              float af[VEC];
+              load_act(act + b * STRIDE + (c0[it][r] + c) * VEC, af);
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) sums[r][b] = fmaf(wf[e], af[e], sums[r][b]);
+            }
+          }
+        }
+#pragma unroll
+        for (int b = 0; b < B; ++b) sums[r][b] = warp_sum(sums[r][b]);
+      }
+      finish(item, sums);
+    }
+  }
+};
+
+// The residual stream before layer 0: the token's embedding (upcast, scaled).
+__device__ __forceinline__ float embedded(const Params& p, int b, int i) {
+  return to_f(p.embed[(size_t)p.tokens[b] * D + i]) * p.embed_scale;
+}
+
+// Shared act[b][i] = RMSNorm(x[b]) * w, rounded to T as the projections see it.
+__device__ void load_normed(const Params& p, bool first_layer, const float* norm_w, float* sm) {
+  float* act = sm + SM_ACT;
+  float* inv_rms = sm + SM_NORM;
+  const float* x = p.ws + WS_X;
+  for (int e = threadIdx.x; e < B * D; e += THREADS) act[e] = first_layer ? embedded(p, e / D, e % D) : x[e];
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  for (int b = threadIdx.x / 32; b < B; b += WARPS) {
+    float s = 0.f;
+    for (int i = lane; i < D; i += 32) s += act[b * D + i] * act[b * D + i];
+    s = warp_sum(s);
+    if (lane == 0) inv_rms[b] = rsqrtf(s / D + p.eps);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < B * D; e += THREADS) act[e] = round_t(act[e] * inv_rms[e / D] * norm_w[e % D]);
+  __syncthreads();
+}
+
+// ------------------------------------------------------------------------------- phases
+
+__device__ __forceinline__ const uint4* row_of(const T* matrix, size_t row, int length) {
+  return reinterpret_cast<const uint4*>(matrix + row * length);
+}
+
+// A RoPE pair of Q/K/V outputs: which of q, k, v (0, 1, 2), its head, frequency, two dims.
+struct Pair {
+  int which, h, i, d1, d2;
+  __device__ __forceinline__ explicit Pair(int pair) {
+    which = pair / (D / 2);
+    const int within = pair % (D / 2);
+    h = within / (K / 2), i = within % (K / 2);
+    d1 = INTERLEAVED ? h * K + 2 * i : h * K + i;
+    d2 = INTERLEAVED ? d1 + 1 : d1 + K / 2;
+  }
+};
+
+using QkvTiles = Tiles<3 * D / 2, 2, D / VEC>;   // an item is a RoPE pair: two rows
+using OTiles = Tiles<D, 1, D / VEC>;
+using GateUpTiles = Tiles<F, 2, D / VEC>;        // an item is a hidden unit: its gate and up rows
+constexpr int DOWN_ITEMS = D * DOWN_PARTS, DOWN_CH = F / VEC / DOWN_PARTS;
+using DownTiles = Tiles<(DOWN_ITEMS + TW - 1) / TW * TW, 1, DOWN_CH>;   // every warp the same count
+using HeadTiles = Tiles<V, 1, D / VEC>;
+
+__device__ __forceinline__ void load_qkv(QkvTiles& t, const Params& p, int l) {
+  const T* w = p.wqkv + (size_t)l * 3 * D * D;
+  t.load([&](int pair, int r, int&) { const Pair q(pair); return row_of(w, q.which * D + (r ? q.d2 : q.d1), D); });
+}
+__device__ __forceinline__ void load_o(OTiles& t, const Params& p, int l) {
+  const T* w = p.wo + (size_t)l * D * D;
+  t.load([&](int j, int, int&) { return row_of(w, j, D); });
+}
+__device__ __forceinline__ void load_gate_up(GateUpTiles& t, const Params& p, int l) {
+  const T* w = p.wgu + (size_t)l * 2 * F * D;
+  t.load([&](int u, int r, int&) { return row_of(w, r * F + u, D); });
+}
+__device__ __forceinline__ void load_down(DownTiles& t, const Params& p, int l) {
+  const T* w = p.wdown + (size_t)l * D * F;
+  t.load([&](int item, int, int& c0) -> const uint4* {
+    c0 = (item % DOWN_PARTS) * DOWN_CH;
+    return item < DOWN_ITEMS ? row_of(w, item / DOWN_PARTS, F) + c0 : nullptr;
+  });
+}
+__device__ __forceinline__ void load_head(HeadTiles& t, const Params& p) {
+  t.load([&](int v, int, int&) { return row_of(p.embed, v, D); });
+}
+
+// 1. Q/K/V of the normed input, RoPE on Q and K; Q to the workspace, K and V into the cache.
+__device__ void qkv_phase(const Params& p, int l, int time, float* sm, const QkvTiles& tiles) {
+  load_normed(p, l == 0, p.attn_norm + l * D, sm);
+  tiles.multiply<D>(sm + SM_ACT, [&](int pair, float (&s)[2][B]) {
+    const int b = threadIdx.x % 32;   // lane b stores row b
+    if (b >= B) return;
+    const Pair q(pair);
+    float a = round_t(s[0][b]), c = round_t(s[1][b]);
+    if (q.which < 2) {   // rotate q and k, in float32 like layers.rope
+      float sn, cs;
+      sincosf((float)(time - p.starts[b]) * p.inv_freq[q.i], &sn, &cs);
+      const float a2 = round_t(a * cs - c * sn), c2 = round_t(c * cs + a * sn);
+      a = a2, c = c2;
+    }
+    if (q.which == 0) {
+      p.ws[WS_Q + b * D + q.d1] = a;
+      p.ws[WS_Q + b * D + q.d2] = c;
+    } else {
+      const int S = p.cache_size[l];
+      T* slot = (q.which == 1 ? p.k_cache[l] : p.v_cache[l]) + (((size_t)b * H + q.h) * S + time % S) * K;
+      slot[q.d1 - q.h * K] = from_f<T>(a);
+      slot[q.d2 - q.h * K] = from_f<T>(c);
+    }
+  });
+}
+
+// 2. Attention of each (row, head) over the slots written so far, in NS splits of the slots;
+// each split leaves its running max, sum of exponentials and weighted sum of values.
+__device__ void attention_phase(const Params& p, int l, int time, float* sm) {
+  const int S = p.cache_size[l], window = p.window[l], n = min(time + 1, S);
+  const T* kc = p.k_cache[l];
+  const T* vc = p.v_cache[l];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float* warp_part = sm + SM_WARP;
+  for (int task = blockIdx.x; task < TASKS; task += NB) {   // block-uniform
+    const int b = task / (H * NS), h = (task / NS) % H, split = task % NS;
+    const int lo = split * n / NS, hi = (split + 1) * n / NS, start = p.starts[b];
+    float q[KL], acc[KL];
+#pragma unroll
+    for (int j = 0; j < KL; ++j) {
+      const int d = lane + 32 * j;
+      q[j] = d < K ? p.ws[WS_Q + b * D + h * K + d] : 0.f;
+      acc[j] = 0.f;
+    }
+    float run_max = -1e30f, total = 0.f;
+    const size_t head = ((size_t)b * H + h) * S;
+    for (int slot = lo + warp; slot < hi; slot += WARPS) {
+      const int key_time = time - (time - slot) % S;
+      const bool visible = key_time >= start && (window == 0 || time - key_time < window);
+      float k[KL], v[KL], score = 0.f;
+#pragma unroll
+      for (int j = 0; j < KL; ++j) {
+        const int d = lane + 32 * j;
+        k[j] = d < K ? to_f(kc[(head + slot) * K + d]) : 0.f;
+        v[j] = d < K ? to_f(vc[(head + slot) * K + d]) : 0.f;
+        score += q[j] * k[j];
+      }
+      score = warp_sum(score) * p.attn_scale;
+      if (visible) {
+        const float new_max = fmaxf(run_max, score), rescale = expf(run_max - new_max), prob = expf(score - new_max);
+        total = total * rescale + prob;
+#pragma unroll
+        for (int j = 0; j < KL; ++j) acc[j] = acc[j] * rescale + prob * v[j];
+        run_max = new_max;
+      }
+    }
+    float* mine = warp_part + warp * PART;
+    if (lane == 0) mine[0] = run_max, mine[1] = total;
+#pragma unroll
+    for (int j = 0; j < KL; ++j)
+      if (lane + 32 * j < K) mine[2 + lane + 32 * j] = acc[j];
+    __syncthreads();
+    for (int d = threadIdx.x; d < PART; d += THREADS) {   // merge the warps, write the split
+      float m = -1e30f;
+      for (int w = 0; w < WARPS; ++w) m = fmaxf(m, warp_part[w * PART]);
+      float sum = 0.f;
+      for (int w = 0; w < WARPS; ++w) sum += expf(warp_part[w * PART] - m) * warp_part[w * PART + (d == 0 ? 1 : d)];
+      p.ws[WS_PART + task * PART + d] = d == 0 ? m : sum;
+    }
+    __syncthreads();
+  }
+}
+
+// 3. Every block combines all splits into the attention output (in shared memory), then
+// computes its O rows and adds them to the residual stream.
+__device__ void o_phase(const Params& p, int l, float* sm, const OTiles& tiles) {
+  float* act = sm + SM_ACT;
+  float* split_w = sm + SM_SPLIT;
+  const float* part = p.ws + WS_PART;
+  constexpr int PER_THREAD = (B * D + THREADS - 1) / THREADS;
+  float vals[PER_THREAD][NS];   // issued first, so that their latency overlaps the weights'
+#pragma unroll
+  for (int e = 0; e < PER_THREAD; ++e) {
+    const int idx = threadIdx.x + e * THREADS, g = ((idx / D) * H + (idx % D) / K) * NS;
+#pragma unroll
+    for (int s = 0; s < NS; ++s) vals[e][s] = idx < B * D ? part[(g + s) * PART + 2 + idx % K] : 0.f;
+  }
+  for (int g = threadIdx.x; g < B * H; g += THREADS) {   // split weights exp(m_s - M) / total
+    float m = -1e30f, total = 0.f;
+    for (int s = 0; s < NS; ++s) m = fmaxf(m, part[(g * NS + s) * PART]);
+    for (int s = 0; s < NS; ++s) total += expf(part[(g * NS + s) * PART] - m) * part[(g * NS + s) * PART + 1];
+    for (int s = 0; s < NS; ++s) split_w[g * NS + s] = total > 0.f ? expf(part[(g * NS + s) * PART] - m) / total : 0.f;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int e = 0; e < PER_THREAD; ++e) {
+    const int idx = threadIdx.x + e * THREADS, g = ((idx / D) * H + (idx % D) / K) * NS;
+    float out = 0.f;
+#pragma unroll
+    for (int s = 0; s < NS; ++s) out += idx < B * D ? split_w[g + s] * vals[e][s] : 0.f;
+    if (idx < B * D) act[idx] = round_t(out);
+  }
+  __syncthreads();
+  tiles.multiply<D>(act, [&](int j, float (&s)[1][B]) {
+    const int b = threadIdx.x % 32;
+    if (b >= B) return;
+    float* x = p.ws + WS_X + b * D + j;
+    *x = (l == 0 ? embedded(p, b, j) : *x) + round_t(s[0][b]);
+  });
+}
+
+// 4. RMSNorm, then per hidden unit its gate and up rows; SiLU(gate) * up to the workspace.
+__device__ void gate_up_phase(const Params& p, int l, float* sm, const GateUpTiles& tiles) {
+  load_normed(p, false, p.mlp_norm + l * D, sm);
+  T* hid = reinterpret_cast<T*>(p.ws + WS_HID);
+  tiles.multiply<D>(sm + SM_ACT, [&](int u, float (&s)[2][B]) {
+    const int b = threadIdx.x % 32;
+    if (b >= B) return;
+    const float gate = round_t(s[0][b]), up = round_t(s[1][b]);
+    const float silu = round_t(gate * round_t(1.f / (1.f + expf(-gate))));   // jax.nn.silu, in T
+    hid[b * F + u] = from_f<T>(silu * up);
+  });
+}
+
+// 5. Down projection: DOWN_PARTS warps of a block share a row (F inputs); their sums are added
+// in a fixed order (deterministic), then to the residual stream.
+__device__ void down_phase(const Params& p, float* sm, const DownTiles& tiles) {
+  T* act = reinterpret_cast<T*>(sm + SM_ACT);
+  const uint4* hid = reinterpret_cast<const uint4*>(p.ws + WS_HID);
+  for (int c = threadIdx.x; c < B * F / VEC; c += THREADS) reinterpret_cast<uint4*>(act)[c] = hid[c];
+  __syncthreads();
+  float* parts = sm + SM_DOWN;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Every warp of the block calls this equally often (DownTiles pads the items), so the
+  // barriers inside match.
+  tiles.multiply<F>(act, [&](int item, float (&s)[1][B]) {
+    if (lane < B) parts[warp * B + lane] = s[0][lane];
+    __syncthreads();
+    if (item < DOWN_ITEMS && warp % DOWN_PARTS == 0 && lane < B) {
+      float sum = 0.f;
+      for (int q = 0; q < DOWN_PARTS; ++q) sum += parts[(warp + q) * B + lane];
+      p.ws[WS_X + lane * D + item / DOWN_PARTS] += round_t(sum);
+    }
+    __syncthreads();
+  });
+}
+
+// 6. Final RMSNorm and the tied head: float32 logits.
+__device__ void head_phase(const Params& p, float* sm, const HeadTiles& tiles) {
+  load_normed(p, false, p.final_norm, sm);
+  tiles.multiply<D>(sm + SM_ACT, [&](int v, float (&s)[1][B]) {
+    const int b = threadIdx.x % 32;
+    if (b < B) p.logits[(size_t)b * V + v] = s[0][b];
+  });
+}
+
+// Each phase's weights are loaded one phase ahead of their use (see Tiles).
+__global__ void __launch_bounds__(THREADS, 1) decode_step_kernel(const Params p) {
+  extern __shared__ __align__(16) float sm[];
+  cg::grid_group grid = cg::this_grid();
+  const int time = *p.time;
+  QkvTiles qkv;
+  OTiles o;
+  GateUpTiles gate_up;
+  DownTiles down;
+  HeadTiles head;
+  load_qkv(qkv, p, 0);
+  for (int l = 0; l < L; ++l) {
+    load_o(o, p, l);
+    qkv_phase(p, l, time, sm, qkv);
+    grid.sync();
+    load_gate_up(gate_up, p, l);
+    attention_phase(p, l, time, sm);
+    grid.sync();
+    load_down(down, p, l);
+    o_phase(p, l, sm, o);
+    grid.sync();
+    if (l + 1 < L) load_qkv(qkv, p, l + 1);
+    else load_head(head, p);
+    gate_up_phase(p, l, sm, gate_up);
+    grid.sync();
+    down_phase(p, sm, down);
+    grid.sync();
+  }
+  head_phase(p, sm, head);
+}
+
+// ------------------------------------------------------------------------------- XLA FFI
+
+static ffi::Error DecodeStepImpl(cudaStream_t stream, ffi::AnyBuffer tokens, ffi::AnyBuffer time,
+                                 ffi::AnyBuffer starts, ffi::AnyBuffer inv_freq, ffi::AnyBuffer embed,
+                                 ffi::AnyBuffer attn_norm, ffi::AnyBuffer wqkv, ffi::AnyBuffer wo,
+                                 ffi::AnyBuffer mlp_norm, ffi::AnyBuffer wgu, ffi::AnyBuffer wdown,
+                                 ffi::AnyBuffer final_norm, ffi::RemainingArgs caches,
+                                 ffi::Result<ffi::AnyBuffer> logits, ffi::Result<ffi::AnyBuffer> workspace,
+                                 ffi::RemainingRets caches_out, ffi::Span<const int64_t> windows, float eps,
+                                 float embed_scale, float attn_scale) {
+  if (caches_out.size() != 2 * L || windows.size() != L)
+    return ffi::Error::InvalidArgument("decode_step: expected the keys and values of every layer");
+  Params p;
+  p.tokens = static_cast<const int32_t*>(tokens.untyped_data());
+  p.time = static_cast<const int32_t*>(time.untyped_data());
+  p.starts = static_cast<const int32_t*>(starts.untyped_data());
+  p.inv_freq = static_cast<const float*>(inv_freq.untyped_data());
+  p.embed = static_cast<const T*>(embed.untyped_data());
+  p.attn_norm = static_cast<const float*>(attn_norm.untyped_data());
+  p.wqkv = static_cast<const T*>(wqkv.untyped_data());
+  p.wo = static_cast<const T*>(wo.untyped_data());
+  p.mlp_norm = static_cast<const float*>(mlp_norm.untyped_data());
+  p.wgu = static_cast<const T*>(wgu.untyped_data());
+  p.wdown = static_cast<const T*>(wdown.untyped_data());
+  p.final_norm = static_cast<const float*>(final_norm.untyped_data());
+  for (int l = 0; l < L; ++l) {   // the outputs alias the inputs: the caches are updated in place
+    auto keys = caches_out.get<ffi::AnyBuffer>(l);
+    auto values = caches_out.get<ffi::AnyBuffer>(L + l);
+    if (keys.has_error()) return keys.error();
+    if (values.has_error()) return values.error();
+    p.k_cache[l] = static_cast<T*>((*keys)->untyped_data());
+    p.v_cache[l] = static_cast<T*>((*values)->untyped_data());
+    p.cache_size[l] = static_cast<int>((*keys)->dimensions()[2]);
+    p.window[l] = static_cast<int>(windows[l]);
+  }
+  p.ws = static_cast<float*>(workspace->untyped_data());
+  p.logits = static_cast<float*>(logits->untyped_data());
+  p.eps = eps, p.embed_scale = embed_scale, p.attn_scale = attn_scale;
+
+  static const cudaError_t configured = cudaFuncSetAttribute(
+      decode_step_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+  if (configured != cudaSuccess) return ffi::Error::Internal(cudaGetErrorString(configured));
+  void* args[] = {&p};
+  const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(decode_step_kernel), NB, THREADS,
+                                                      args, SMEM_BYTES, stream);
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("decode_step launch: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmDecodeStep, DecodeStepImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()   // tokens
+                                  .Arg<ffi::AnyBuffer>()   // time
+                                  .Arg<ffi::AnyBuffer>()   // starts
+                                  .Arg<ffi::AnyBuffer>()   // inv_freq
+                                  .Arg<ffi::AnyBuffer>()   // embed
+                                  .Arg<ffi::AnyBuffer>()   // attn_norm
+                                  .Arg<ffi::AnyBuffer>()   // wqkv
+                                  .Arg<ffi::AnyBuffer>()   // wo
+                                  .Arg<ffi::AnyBuffer>()   // mlp_norm
+                                  .Arg<ffi::AnyBuffer>()   // wgu
+                                  .Arg<ffi::AnyBuffer>()   // wdown
+                                  .Arg<ffi::AnyBuffer>()   // final_norm
+                                  .RemainingArgs()         // keys of every layer, then values
+                                  .Ret<ffi::AnyBuffer>()   // logits
+                                  .Ret<ffi::AnyBuffer>()   // workspace
+                                  .RemainingRets()         // the caches, aliased to the inputs
+                                  .Attr<ffi::Span<const int64_t>>("windows")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("embed_scale")
+                                  .Attr<float>("attn_scale"));
+
+// The workspace's size, for the Python side to allocate it.
+extern "C" int jaxlm_workspace_floats() { return WS_FLOATS; }

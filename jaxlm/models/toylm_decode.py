@@ -1,0 +1,172 @@
+"""ToyLM's decode step as one persistent CUDA kernel (``toylm_decode.cu``), called through XLA's FFI.
+
+Why: on a GPU, XLA runs ``ToyLM.decode_step`` as a chain of ~150 small dependent kernels. The
+chain, not the weights (read in ~25 us on an H200), bounds decoding at small batches
+(docs/PERFORMANCE.md, "Generation"). This kernel computes the same step in one launch. It uses
+the same cache layout and gives the same logits up to rounding, so ``generate`` can use it for
+one chunk and XLA for the next.
+
+It runs where all of this holds:
+- a CUDA GPU;
+- ``nvcc`` to build it. It is built once per model shape and batch into ``~/.cache/jaxlm/kernels``
+  (``JAXLM_CACHE_DIR`` moves it), which takes 20-60 s;
+- at most ``MAX_ROWS`` rows;
+- weights and cache in one dtype: bfloat16, float16 or float32.
+Everywhere else ``generate`` uses ``ToyLM.decode_step``; ``unsupported`` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.errors import JaxlmError
+from jaxlm.models import kv_cache, layers
+from jaxlm.models.toylm import ToyLM, softcap
+
+SOURCE = pathlib.Path(__file__).with_name("toylm_decode.cu")
+MAX_ROWS = 8          # each lane of a warp keeps one row's sums; past 8 rows the kernel spills
+DOWN_SPLIT_MAX = 8    # the kernel splits a down-projection row over up to 8 warps
+_DTYPE_CODES = {jnp.dtype(jnp.float32): 0, jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}
+# "xla" or "cuda" forces an implementation (benchmarks and tests compare them); None chooses.
+IMPLEMENTATION_OVERRIDE: str | None = None
+
+
+class DecodeWeights(NamedTuple):
+    """The weights as the kernel reads them: matrices ``[out, in]`` (a dot product per output
+    over a contiguous row), stacked over layers, in the compute dtype; norm scales float32."""
+
+    rope_frequencies: jax.Array   # [K/2]
+    embed: jax.Array              # [V, D], also the tied head
+    attn_norm: jax.Array          # [L, D]
+    wqkv: jax.Array               # [L, 3D, D]
+    wo: jax.Array                 # [L, D, D]
+    mlp_norm: jax.Array           # [L, D]
+    wgate_up: jax.Array           # [L, 2F, D]
+    wdown: jax.Array              # [L, D, F]
+    final_norm: jax.Array         # [D]
+
+
+def find_nvcc() -> str | None:
+    """``$JAXLM_NVCC``, else ``nvcc`` on the PATH, else the CUDA toolkit's (``$CUDA_HOME``)."""
+    candidates = [os.environ.get("JAXLM_NVCC"), shutil.which("nvcc")]
+    candidates += [os.path.join(root, "bin", "nvcc") for root in
+                   (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda") if root]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def unsupported(model, rows: int, cache_dtype=None) -> str | None:
+    """Why the kernel cannot run this decode step, or None when it can."""
+    if jax.default_backend() != "gpu" or jax.devices()[0].platform != "gpu" or "NVIDIA" not in jax.devices()[0].device_kind.upper():
+        return "not on an NVIDIA GPU"
+    if not isinstance(model, ToyLM):
+        return f"{type(model).__name__} is not a ToyLM"
+    dtype = jnp.dtype(model.dtype)
+    if dtype not in _DTYPE_CODES:
+        return f"compute dtype {dtype.name}"
+    if cache_dtype is not None and jnp.dtype(cache_dtype) != dtype:
+        return f"the cache is {jnp.dtype(cache_dtype).name}, the weights {dtype.name}"
+    if rows > MAX_ROWS:
+        return f"{rows} rows (the kernel takes at most {MAX_ROWS})"
+    vec = 16 // dtype.itemsize   # elements in one 16-byte load
+    cfg = model.cfg
+    if cfg.dim % vec or cfg.mlp_hidden % (vec * DOWN_SPLIT_MAX):
+        return f"dim {cfg.dim} / mlp_hidden {cfg.mlp_hidden} not multiples of {vec} / {vec * DOWN_SPLIT_MAX}"
+    if find_nvcc() is None:
+        return "nvcc not found (set JAXLM_NVCC or CUDA_HOME)"
+    return None
+
+
+def implementation(model, rows: int, cache_dtype=None) -> str:
+    """``"cuda"`` where the kernel runs, else ``"xla"`` (``IMPLEMENTATION_OVERRIDE`` wins)."""
+    if IMPLEMENTATION_OVERRIDE:
+        return IMPLEMENTATION_OVERRIDE
+    return "xla" if unsupported(model, rows, cache_dtype) else "cuda"
+
+
+def prepare(model) -> DecodeWeights:
+    """The kernel's weights from the model's (traceable: done once per decode call, in XLA)."""
+    dtype, f32 = model.dtype, jnp.float32
+    cfg, blocks = model.cfg, list(model.blocks)
+    out_in = lambda linear: linear.kernel[...].astype(dtype).T
+    stack = lambda per_block: jnp.stack([per_block(b) for b in blocks])
+    return DecodeWeights(
+        rope_frequencies=layers.rope_frequencies(cfg.head_dim, cfg.rope_theta),
+        embed=model.embed.embedding[...].astype(dtype),
+        attn_norm=stack(lambda b: b.attn_norm.w[...].astype(f32)),
+        wqkv=stack(lambda b: jnp.concatenate([out_in(b.attn.q), out_in(b.attn.k), out_in(b.attn.v)])),
+        wo=stack(lambda b: out_in(b.attn.o)),
+        mlp_norm=stack(lambda b: b.mlp_norm.w[...].astype(f32)),
+        wgate_up=stack(lambda b: jnp.concatenate([out_in(b.mlp.gate), out_in(b.mlp.up)])),
+        wdown=stack(lambda b: out_in(b.mlp.down)),
+        final_norm=model.final_norm.w[...].astype(f32))
+
+
+def decode_step(model, weights: DecodeWeights, ids_B, cache: kv_cache.KVCache):
+    """``ToyLM.decode_step`` through the kernel: logits ``[B, V]`` and the cache, updated in place."""
+    cfg = model.cfg
+    rows = ids_B.shape[0]
+    target, workspace_floats = _build(_defines(model, rows))
+    caches = (*cache.keys, *cache.values)
+    first_cache = 3 + len(weights)   # operands: ids, time, starts, the weights, then the caches
+    call = jax.ffi.ffi_call(
+        target,
+        (jax.ShapeDtypeStruct((rows, cfg.vocab_size), jnp.float32),
+         jax.ShapeDtypeStruct((workspace_floats,), jnp.float32),
+         *(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches)),
+        input_output_aliases={first_cache + i: 2 + i for i in range(len(caches))})
+    logits_BV, _, *caches = call(
+        ids_B.astype(jnp.int32), cache.length, cache.starts_B, *weights, *caches,
+        windows=np.array([block.attn.window or 0 for block in model.blocks], np.int64),
+        eps=np.float32(cfg.norm_eps), embed_scale=np.float32(math.sqrt(cfg.dim) if cfg.embed_scale else 1.0),
+        attn_scale=np.float32(1.0 / math.sqrt(cfg.head_dim)))
+    n = cfg.n_layers
+    return (softcap(logits_BV, cfg.lm_head_logit_cap),
+            kv_cache.KVCache(tuple(caches[:n]), tuple(caches[n:]), cache.length + 1, cache.starts_B))
+
+
+def _defines(model, rows: int) -> tuple:
+    cfg, device = model.cfg, jax.devices()[0]
+    return (("DTYPE", _DTYPE_CODES[jnp.dtype(model.dtype)]), ("B", rows), ("D", cfg.dim), ("H", cfg.n_heads),
+            ("K", cfg.head_dim), ("F", cfg.mlp_hidden), ("V", cfg.vocab_size), ("L", cfg.n_layers),
+            ("BLOCKS", device.core_count), ("INTERLEAVED", int(cfg.rope_pairing == "interleaved")),
+            ("ARCH", str(device.compute_capability).replace(".", "")))
+
+
+@functools.cache
+def _build(defines: tuple) -> tuple[str, int]:
+    """Build (or find in the cache) and register the kernel for one shape: ``(FFI target, workspace floats)``."""
+    settings = dict(defines)
+    arch = settings.pop("ARCH")
+    flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-Wno-return-type",
+             "-diag-suppress", "940,2473", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+             "-I", jax.ffi.include_dir(), *(f"-DJAXLM_{k}={v}" for k, v in settings.items())]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    cache_dir = pathlib.Path(os.path.expanduser(os.environ.get("JAXLM_CACHE_DIR", "~/.cache/jaxlm"))) / "kernels"
+    library = cache_dir / f"toylm_decode_{key}.so"
+    if not library.exists():
+        nvcc = find_nvcc()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:   # built aside, then moved: never half a file
+            built = pathlib.Path(tmp) / library.name
+            result = subprocess.run([nvcc, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            if result.returncode:
+                errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
+                raise JaxlmError(f"building the CUDA decode kernel with {nvcc} failed: {errors[-1] if errors else '?'}")
+            os.replace(built, library)
+    lib = ctypes.cdll.LoadLibrary(str(library))
+    target = f"jaxlm_toylm_decode_{key}"
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.JaxlmDecodeStep), platform="CUDA")
+    return target, int(lib.jaxlm_workspace_floats())
