@@ -419,11 +419,12 @@ def decode_mode(args, overrides: list[str]) -> int:
         print(f"  decode batch {batch}: {json.dumps(result, default=str)}", flush=True)
     print(f"\n{datetime.date.today()}, {jax.devices()[0].device_kind}, jax {jax.__version__}: greedy decoding, "
           f"random weights, prompt {args.seq or 16} tokens (jaxlm.generate.benchmark_decode)")
-    print("| batch | tokens/s | ms per step | prefill ms | compile s | peak mem MiB |")
-    print("|---|---|---|---|---|---|")
+    print("| batch | decode step | tokens/s | ms per step | prefill ms | compile s | peak mem MiB |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         peak = f"{r['peak_bytes'] / 2**20:,.0f}" if r.get("peak_bytes") else "-"
-        print(f"| {r['batch']} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.3f} | {r['prefill_ms']:.1f} | "
+        step = "CUDA kernel" if r["step"] == "cuda" else f"XLA, {r['attention']} attention"
+        print(f"| {r['batch']} | {step} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.3f} | {r['prefill_ms']:.1f} | "
               f"{r['compile_s']:.1f} | {peak} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -79,11 +79,14 @@ def inference_params(model):
     return graphdef, jax.tree.map(cast, params)
 
 
-def min_decode_rows() -> int:
+def min_decode_rows(model) -> int:
     """Rows a decode step runs with at least. On GPU, XLA turns a one-row matmul into an
     elementwise product plus a reduction (two kernels, the product written out), which made
-    batch-1 decoding slower than batch 2 on an H200; a copy of the row avoids that."""
-    return 2 if jax.default_backend() == "gpu" else 1
+    batch-1 decoding slower than batch 2 on an H200; a copy of the row avoids that. The CUDA
+    step (``toylm_decode``) is fastest with one row."""
+    if jax.default_backend() != "gpu" or toylm_decode.implementation(model, 1) == "cuda":
+        return 1
+    return 2
 
 
 def _accept(state: DecodeState, token_B, eos_id: int) -> DecodeState:
@@ -168,7 +171,7 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     n_chunks = math.ceil((max_new_tokens - 1) / chunk_size)
     prompt_len = bucket(max(map(len, prompts)))
     cache_len = bucket(prompt_len + n_chunks * chunk_size)   # every time step the chunks will write
-    rows = prompts + prompts[-1:] * (min_decode_rows() - len(prompts))   # extra rows are dropped
+    rows = prompts + prompts[-1:] * (min_decode_rows(model) - len(prompts))   # extra rows are dropped
     ids_BP = np.zeros((len(rows), prompt_len), np.int32)
     starts_B = np.array([prompt_len - len(p) for p in rows], np.int32)
     for row, prompt in enumerate(rows):
@@ -281,7 +284,7 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
     ``chunk_size`` steps run per call (default: all of them in one call); ``attention`` forces
     "xla" or "pallas" for the cached attention, ``step`` "xla" or "cuda" for the whole decode
     step (``toylm_decode``). Returns tokens_per_s and ms_per_step (median over
-    ``repeats``; a batch of 1 runs as ``min_decode_rows()`` rows and counts one), prefill_ms,
+    ``repeats``; a batch of 1 runs as ``min_decode_rows(model)`` rows and counts one), prefill_ms,
     compile_s, and memory: params_bytes, cache_bytes, peak_bytes (parameters + decode state +
     the executable's temporaries, from XLA's memory analysis) and allocator_peak_bytes (the
     device allocator's process-wide peak, where the backend reports one).
@@ -292,7 +295,10 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
     else:
         model = build_model(cfg_or_model, rngs=nnx.Rngs(seed), dtype=dtype)
     cfg = model.cfg
-    rows = max(batch, min_decode_rows())
+    if (attention, step) != (kv_cache.IMPLEMENTATION_OVERRIDE, toylm_decode.IMPLEMENTATION_OVERRIDE):
+        kv_cache.IMPLEMENTATION_OVERRIDE, toylm_decode.IMPLEMENTATION_OVERRIDE = attention, step
+        jax.clear_caches()   # traces made with the other implementation must not be reused
+    rows = max(batch, min_decode_rows(model))
     chunk_size = chunk_size or new_tokens
     n_chunks = math.ceil(new_tokens / chunk_size)
     cache_len = bucket(prompt_len + n_chunks * chunk_size)
@@ -301,9 +307,6 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
     ids_BP = jax.random.randint(jax.random.key(seed + 1), (rows, prompt_len), 0, cfg.vocab_size, jnp.int32)
     starts_B = jnp.zeros((rows,), jnp.int32)
     kwargs = dict(steps=chunk_size, sampling=sampling, eos_id=-1, unroll=unroll)
-    if (attention, step) != (kv_cache.IMPLEMENTATION_OVERRIDE, toylm_decode.IMPLEMENTATION_OVERRIDE):
-        kv_cache.IMPLEMENTATION_OVERRIDE, toylm_decode.IMPLEMENTATION_OVERRIDE = attention, step
-        jax.clear_caches()   # traces made with the other implementation must not be reused
 
     def fresh_state():
         state = _prefill(graphdef, params, ids_BP, starts_B, jax.random.key(seed), cache_len=cache_len,

@@ -16,7 +16,6 @@
 // one library per model shape and batch). Weight matrices come transposed, [out, in], so that
 // each output is one warp's dot product over a contiguous row.
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -27,7 +26,6 @@
 
 #include "xla/ffi/api/ffi.h"
 
-namespace cg = cooperative_groups;
 namespace ffi = xla::ffi;
 
 #if JAXLM_DTYPE == 1
@@ -437,10 +435,45 @@ __device__ void head_phase(const Params& p, float* sm, const HeadTiles& tiles) {
   });
 }
 
+// ------------------------------------------------------------------------------- the step
+
+// The grid-wide barrier: each block adds one to a counter that is never reset and waits until
+// all NB blocks have. A launch passes BARRIERS of them, so every launch starts the counter at a
+// multiple of NB * BARRIERS (a block reads it before its first arrival, when no block can have
+// passed a barrier yet). Release/acquire at GPU scope publish each block's writes. On an H200
+// the step took 227 us with it, 236 with cooperative_groups' grid.sync(). The launch is still
+// cooperative: that guarantees every block is resident, without which a barrier never opens.
+constexpr unsigned long long BARRIERS = 5 * L;
+__device__ unsigned long long barrier_arrivals;
+
+__device__ __forceinline__ unsigned long long barrier_start() {
+  __shared__ unsigned long long start;
+  if (threadIdx.x == 0) {
+    unsigned long long now;
+    asm volatile("ld.relaxed.gpu.u64 %0, [%1];" : "=l"(now) : "l"(&barrier_arrivals));
+    start = now - now % (NB * BARRIERS);
+  }
+  __syncthreads();
+  return start;
+}
+
+__device__ __forceinline__ void grid_barrier(unsigned long long& target) {
+  __syncthreads();
+  target += NB;
+  if (threadIdx.x == 0) {
+    unsigned long long now;
+    asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(&barrier_arrivals) : "memory");
+    do {
+      asm volatile("ld.acquire.gpu.u64 %0, [%1];" : "=l"(now) : "l"(&barrier_arrivals) : "memory");
+    } while (now < target);
+  }
+  __syncthreads();
+}
+
 // Each phase's weights are loaded one phase ahead of their use (see Tiles).
 __global__ void __launch_bounds__(THREADS, 1) decode_step_kernel(const Params p) {
   extern __shared__ __align__(16) float sm[];
-  cg::grid_group grid = cg::this_grid();
+  unsigned long long barrier = barrier_start();
   const int time = *p.time;
   QkvTiles qkv;
   OTiles o;
@@ -451,19 +484,22 @@ __global__ void __launch_bounds__(THREADS, 1) decode_step_kernel(const Params p)
   for (int l = 0; l < L; ++l) {
     load_o(o, p, l);
     qkv_phase(p, l, time, sm, qkv);
-    grid.sync();
+    grid_barrier(barrier);
     load_gate_up(gate_up, p, l);
     attention_phase(p, l, time, sm);
-    grid.sync();
+    grid_barrier(barrier);
     load_down(down, p, l);
     o_phase(p, l, sm, o);
-    grid.sync();
-    if (l + 1 < L) load_qkv(qkv, p, l + 1);
-    else load_head(head, p);
+    grid_barrier(barrier);
+    if (l + 1 < L) {
+      load_qkv(qkv, p, l + 1);
+    } else {
+      load_head(head, p);
+    }
     gate_up_phase(p, l, sm, gate_up);
-    grid.sync();
+    grid_barrier(barrier);
     down_phase(p, sm, down);
-    grid.sync();
+    grid_barrier(barrier);
   }
   head_phase(p, sm, head);
 }

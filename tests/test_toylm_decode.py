@@ -1,0 +1,149 @@
+"""The CUDA decode step (jaxlm.models.toylm_decode).
+
+Everywhere: the weights it reads reproduce the model's projections, it is not used where it
+cannot run, and a failed build is one clear line. With nvcc: the kernel compiles. On an NVIDIA
+GPU only (skipped elsewhere, with the reason): its logits and caches equal ToyLM.decode_step's
+in float32 past the sliding window, and generate gives the same tokens through it.
+"""
+
+import os
+import stat
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm import generate as G
+from jaxlm.errors import JaxlmError
+from jaxlm.models import layers, toylm_decode
+from jaxlm.models.toylm import ToyLM, ToyLMConfig
+
+TINY = dict(vocab_size=256, dim=64, n_layers=4, n_heads=4, head_dim=16, mlp_hidden=128, max_seq_len=64,
+            sliding_window=8)
+ON_GPU = jax.default_backend() == "gpu" and toylm_decode.find_nvcc() is not None
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU and nvcc (the kernel runs nowhere else)")
+
+
+def tiny_model(**overrides) -> ToyLM:
+    """Random weights, norm scales away from 1 so that a misplaced scale shows."""
+    model = ToyLM(ToyLMConfig(**{**TINY, **overrides}), rngs=nnx.Rngs(0), dtype=jnp.float32)
+    rng = np.random.default_rng(0)
+    for norm in [*(b.attn_norm for b in model.blocks), *(b.mlp_norm for b in model.blocks), model.final_norm]:
+        norm.w[...] = jnp.asarray(1 + 0.3 * rng.standard_normal(norm.w.shape), jnp.float32)
+    return model
+
+
+def test_prepared_weights_reproduce_the_projections():
+    model = tiny_model()
+    w = toylm_decode.prepare(model)
+    cfg, F = model.cfg, model.cfg.mlp_hidden
+    x = jax.random.normal(jax.random.key(1), (3, cfg.dim))
+    h = jax.random.normal(jax.random.key(2), (3, F))
+    for l, block in enumerate(model.blocks):
+        qkv = jnp.concatenate([block.attn.q(x), block.attn.k(x), block.attn.v(x)], axis=-1)
+        np.testing.assert_allclose(x @ w.wqkv[l].T, qkv, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(x @ w.wo[l].T, block.attn.o(x), rtol=1e-5, atol=1e-6)
+        gate_up = x @ w.wgate_up[l].T
+        np.testing.assert_allclose(gate_up[:, :F], block.mlp.gate(x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(gate_up[:, F:], block.mlp.up(x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(h @ w.wdown[l].T, block.mlp.down(h), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(w.attn_norm[l], block.attn_norm.w[...])
+        np.testing.assert_array_equal(w.mlp_norm[l], block.mlp_norm.w[...])
+    np.testing.assert_array_equal(w.final_norm, model.final_norm.w[...])
+    np.testing.assert_array_equal(w.embed, model.embed.embedding[...])
+    # Two RoPE pairs rotated by hand with these frequencies match layers.rope.
+    x_BTHK = jax.random.normal(jax.random.key(3), (1, 1, 1, cfg.head_dim))
+    angle = 5.0 * w.rope_frequencies
+    x1, x2 = x_BTHK[..., : cfg.head_dim // 2], x_BTHK[..., cfg.head_dim // 2:]
+    by_hand = jnp.concatenate([x1 * jnp.cos(angle) - x2 * jnp.sin(angle), x2 * jnp.cos(angle) + x1 * jnp.sin(angle)], -1)
+    rotated = layers.rope(x_BTHK, jnp.full((1, 1), 5), theta=cfg.rope_theta, pairing="rotate_half")
+    np.testing.assert_allclose(by_hand, rotated, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the fallback off GPU")
+def test_off_gpu_the_xla_step_is_used():
+    model = tiny_model()
+    assert toylm_decode.unsupported(model, 1) == "not on an NVIDIA GPU"
+    assert toylm_decode.implementation(model, 1) == "xla"
+    assert G.min_decode_rows(model) == 1
+
+
+def test_too_many_rows_or_mixed_dtypes_are_refused(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda: [type("Gpu", (), {"platform": "gpu", "device_kind": "NVIDIA H200"})()])
+    assert "rows" in toylm_decode.unsupported(model, toylm_decode.MAX_ROWS + 1)
+    assert "cache is bfloat16" in toylm_decode.unsupported(model, 1, jnp.bfloat16)
+
+
+def _fake_nvcc(tmp_path, script: str) -> str:
+    path = tmp_path / "nvcc"
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_a_failed_build_is_one_clear_line_and_leaves_no_library(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("JAXLM_NVCC", _fake_nvcc(tmp_path, 'echo "decode.cu(12): error: something broke" >&2\nexit 2\n'))
+    defines = (("DTYPE", 0), ("B", 1), ("D", 64), ("H", 4), ("K", 16), ("F", 128), ("V", 256), ("L", 4),
+               ("BLOCKS", 132), ("INTERLEAVED", 0), ("ARCH", "90"))
+    with pytest.raises(JaxlmError) as error:
+        toylm_decode._compile(defines)
+    message = str(error.value)
+    assert "\n" not in message and "something broke" in message and "CUDA decode kernel" in message
+    assert not list((tmp_path / "cache" / "kernels").glob("*.so"))
+
+
+@pytest.mark.skipif(toylm_decode.find_nvcc() is None, reason="needs nvcc to build the kernel")
+def test_the_kernel_compiles_for_half_and_single_precision(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path))
+    for dtype_code, rows, interleaved in ((0, 3, 1), (1, 1, 0)):
+        defines = (("DTYPE", dtype_code), ("B", rows), ("D", 64), ("H", 4), ("K", 16), ("F", 128), ("V", 256),
+                   ("L", 4), ("BLOCKS", 132), ("INTERLEAVED", interleaved), ("ARCH", "90"))
+        library = toylm_decode._compile(defines)
+        assert library.exists() and library.stat().st_size > 0
+        assert toylm_decode._compile(defines) == library   # cached: not rebuilt
+
+
+# ------------------------------------------------------------------------------- on a GPU
+
+
+@needs_gpu
+@pytest.mark.parametrize("overrides, rows", [
+    ({}, 3),
+    (dict(rope_pairing="interleaved", embed_scale=True, window_includes_query=False, lm_head_logit_cap=0.0), 2),
+])
+def test_cuda_step_equals_the_xla_step_past_the_window(overrides, rows):
+    model = tiny_model(**overrides)
+    prompt, steps = 6, 26   # the sliding rings (8 slots) wrap three times
+    ids = jax.random.randint(jax.random.key(1), (rows, prompt + steps), 0, model.cfg.vocab_size)
+    starts = jnp.array([0, 2, 5][:rows], jnp.int32)
+    with jax.default_matmul_precision("highest"):   # XLA's default float32 matmuls on GPU are TF32
+        _, cache = jax.jit(model.prefill)(ids[:, :prompt], model.init_cache(rows, 32), starts)
+        weights = toylm_decode.prepare(model)
+        xla_step = jax.jit(model.decode_step)
+        cuda_step = jax.jit(lambda w, i, c: toylm_decode.decode_step(model, w, i, c))
+        xla_cache = cuda_cache = cache
+        for t in range(steps):
+            xla_logits, xla_cache = xla_step(ids[:, prompt + t], xla_cache)
+            cuda_logits, cuda_cache = cuda_step(weights, ids[:, prompt + t], cuda_cache)
+            np.testing.assert_allclose(cuda_logits, xla_logits, atol=1e-5, rtol=0)
+    for xla_c, cuda_c in zip(xla_cache.keys + xla_cache.values, cuda_cache.keys + cuda_cache.values):
+        np.testing.assert_allclose(cuda_c, xla_c, atol=1e-5, rtol=0)
+
+
+@needs_gpu
+def test_generate_gives_the_same_tokens_through_the_kernel(monkeypatch):
+    model = tiny_model()
+    prompts = [[5, 17, 99, 3], [42, 7]]
+    with jax.default_matmul_precision("highest"):
+        through_kernel = G.generate_tokens(model, prompts, max_new_tokens=30, sampling=G.SamplingConfig(greedy=True))
+        monkeypatch.setattr(toylm_decode, "IMPLEMENTATION_OVERRIDE", "xla")
+        jax.clear_caches()
+        through_xla = G.generate_tokens(model, prompts, max_new_tokens=30, sampling=G.SamplingConfig(greedy=True))
+    jax.clear_caches()
+    assert toylm_decode.unsupported(model, 2) is None
+    assert through_kernel == through_xla
