@@ -161,10 +161,11 @@ def test_bench_decode_mode_prints_a_table(tmp_path):
     done = subprocess.run([sys.executable, "-m", "jaxlm.bench", "--config", str(config), "--mode", "decode",
                            "--batch", "2"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "| batch | tokens/s | ms per step | prefill ms | compile s | peak mem MiB |" in done.stdout
+    assert "| batch | decode step | tokens/s | ms per step | prefill ms | compile s | peak mem MiB |" in done.stdout
     row = next(line for line in done.stdout.splitlines() if line.startswith("| 2 | "))
     cells = row.strip("|").split("|")
-    assert len(cells) == 6 and float(cells[1].replace(",", "")) > 0, row
+    assert len(cells) == 7 and float(cells[2].replace(",", "")) > 0, row
+    assert cells[1].strip() == "XLA, xla attention", row   # no CUDA kernel off GPU
 
 
 # --------------------------------------------------------------------------- the PyTorch side

@@ -6,7 +6,6 @@ GPU only (skipped elsewhere, with the reason): its logits and caches equal ToyLM
 in float32 past the sliding window, and generate gives the same tokens through it.
 """
 
-import os
 import stat
 
 import jax
@@ -57,7 +56,8 @@ def test_prepared_weights_reproduce_the_projections():
     x_BTHK = jax.random.normal(jax.random.key(3), (1, 1, 1, cfg.head_dim))
     angle = 5.0 * w.rope_frequencies
     x1, x2 = x_BTHK[..., : cfg.head_dim // 2], x_BTHK[..., cfg.head_dim // 2:]
-    by_hand = jnp.concatenate([x1 * jnp.cos(angle) - x2 * jnp.sin(angle), x2 * jnp.cos(angle) + x1 * jnp.sin(angle)], -1)
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    by_hand = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
     rotated = layers.rope(x_BTHK, jnp.full((1, 1), 5), theta=cfg.rope_theta, pairing="rotate_half")
     np.testing.assert_allclose(by_hand, rotated, rtol=1e-6, atol=1e-6)
 
