@@ -12,7 +12,7 @@
 // the residual stream is float32, and values are rounded to the compute dtype T wherever the
 // XLA path holds them in T (projection outputs, RoPE, attention output, the MLP product).
 //
-// Shapes are compile-time constants (-D flags from jaxlm/models/fused_decode.py, which builds
+// Shapes are compile-time constants (-D flags from jaxlm/models/toylm_decode.py, which builds
 // one library per model shape and batch). Weight matrices come transposed, [out, in], so that
 // each output is one warp's dot product over a contiguous row.
 
