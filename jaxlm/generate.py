@@ -116,17 +116,32 @@ def _prefill(graphdef, params, ids_BP, starts_B, rng, *, cache_len, sampling, eo
     return _accept(empty, token_B, eos_id)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _cuda_step_weights(graphdef, params) -> toylm_decode.DecodeWeights:
+    return toylm_decode.prepare(nnx.merge(graphdef, params))
+
+
+def decode_weights(model, graphdef, params, state: DecodeState) -> toylm_decode.DecodeWeights | None:
+    """The CUDA step's weights where it runs, else None: made once per generation and passed to
+    every chunk (re-made inside each chunk, the 109 MB transpose of crowfeather would repeat)."""
+    if toylm_decode.implementation(model, state.token_B.shape[0], state.cache.keys[0].dtype) != "cuda":
+        return None
+    return _cuda_step_weights(graphdef, params)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling", "eos_id", "unroll"),
                    donate_argnames=("state",))
-def _decode_chunk(graphdef, params, state: DecodeState, *, steps, sampling, eos_id, unroll=DECODE_UNROLL):
-    """``steps`` decode steps in one executable: feed the pending token, sample the next.
+def _decode_chunk(graphdef, params, state: DecodeState, cuda_weights, *, steps, sampling, eos_id,
+                  unroll=DECODE_UNROLL):
+    """``steps`` decode steps in one executable: feed the pending token, sample the next, through
+    the CUDA step when ``cuda_weights`` (``decode_weights``) are given, else ``ToyLM.decode_step``.
 
     Returns the new state and the ``[B, steps]`` tokens sampled.
     """
     model = nnx.merge(graphdef, params)
     decode_step = model.decode_step
-    if toylm_decode.implementation(model, state.token_B.shape[0], state.cache.keys[0].dtype) == "cuda":
-        decode_step = functools.partial(toylm_decode.decode_step, model, toylm_decode.prepare(model))
+    if cuda_weights is not None:
+        decode_step = functools.partial(toylm_decode.decode_step, model, cuda_weights)
 
     def step(i, carry):
         state, tokens_BN = carry
@@ -182,12 +197,13 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     graphdef, params = inference_params(model)
     state = _prefill(graphdef, params, jnp.asarray(ids_BP), jnp.asarray(starts_B), jax.random.key(seed),
                      cache_len=cache_len, sampling=sampling, eos_id=eos)
+    cuda_weights = decode_weights(model, graphdef, params, state)
     pending = state.token_B[:, None]
     outputs: list[list[int]] = [[] for _ in prompts]
     for c in range(n_chunks + 1):
         if c < n_chunks:  # queue the next chunk before reading the last one, so the device never waits
-            state, next_pending = _decode_chunk(graphdef, params, state, steps=chunk_size, sampling=sampling,
-                                                eos_id=eos)
+            state, next_pending = _decode_chunk(graphdef, params, state, cuda_weights, steps=chunk_size,
+                                                sampling=sampling, eos_id=eos)
         new = np.asarray(pending)[:len(prompts)].tolist()
         room = max_new_tokens - len(outputs[0])
         new = [row[:room] for row in new]
@@ -286,8 +302,8 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
     "xla" or "pallas" for the cached attention, ``step`` "xla" or "cuda" for the whole decode
     step (``toylm_decode``). Returns tokens_per_s and ms_per_step (median over
     ``repeats``; a batch of 1 runs as ``min_decode_rows(model)`` rows and counts one), prefill_ms,
-    compile_s, and memory: params_bytes, cache_bytes, peak_bytes (parameters + decode state +
-    the executable's temporaries, from XLA's memory analysis) and allocator_peak_bytes (the
+    compile_s, and memory: params_bytes, cache_bytes, peak_bytes (parameters + the CUDA step's
+    weights, if used + decode state + the executable's temporaries, from XLA's memory analysis) and allocator_peak_bytes (the
     device allocator's process-wide peak, where the backend reports one).
     """
     from jaxlm.models import build_model
@@ -315,10 +331,11 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
         return jax.block_until_ready(state)
 
     state = fresh_state()
+    cuda_weights = jax.block_until_ready(decode_weights(model, graphdef, params, state))   # once, as generate does
     t0 = time.perf_counter()
-    compiled = _decode_chunk.lower(graphdef, params, state, **kwargs).compile()
+    compiled = _decode_chunk.lower(graphdef, params, state, cuda_weights, **kwargs).compile()
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(params, fresh_state()))   # warm-up (first-run allocations)
+    jax.block_until_ready(compiled(params, fresh_state(), cuda_weights))   # warm-up (first-run allocations)
 
     prefill_times, decode_times = [], []
     for _ in range(repeats):
@@ -327,7 +344,7 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
         prefill_times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for _ in range(n_chunks):
-            state, tokens = compiled(params, state)
+            state, tokens = compiled(params, state, cuda_weights)
         jax.block_until_ready(tokens)
         decode_times.append(time.perf_counter() - t0)
     step_s = float(np.median(decode_times)) / (n_chunks * chunk_size)
@@ -339,11 +356,11 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
     return dict(
         batch=batch, rows=rows, prompt_len=prompt_len, new_tokens=n_chunks * chunk_size, chunk_size=chunk_size,
         dtype=jnp.dtype(model.dtype).name, attention=kv_cache.attention_implementation(state.cache.keys[-1]),
-        step=toylm_decode.implementation(model, rows, state.cache.keys[0].dtype),
+        step="xla" if cuda_weights is None else "cuda",
         backend=jax.default_backend(), device=jax.devices()[0].device_kind,
         tokens_per_s=batch / step_s, ms_per_step=step_s * 1e3, prefill_ms=float(np.median(prefill_times)) * 1e3,
         compile_s=compile_s, params_bytes=nbytes(params), cache_bytes=nbytes(state.cache),
-        peak_bytes=nbytes(params) + nbytes(state) + temp, allocator_peak_bytes=stats.get("peak_bytes_in_use"))
+        peak_bytes=nbytes(params) + nbytes(cuda_weights) + nbytes(state) + temp, allocator_peak_bytes=stats.get("peak_bytes_in_use"))
 
 
 # --------------------------------------------------------------------------- command line

@@ -74,7 +74,6 @@ def test_fsdp_divides_parameter_and_optimizer_memory(quickstart):
     assert ratio > 7.5
 
 
-
 @pytest.mark.parametrize("builder", ["train", "bench"])
 def test_fsdp_gives_cudnn_attention_query_key_value_of_one_layout(monkeypatch, builder):
     """cuDNN's attention partitioner refuses mismatched query/key/value shardings; FSDP did so

@@ -9,7 +9,7 @@ one chunk and XLA for the next.
 It runs where all of this holds:
 - a CUDA GPU;
 - ``nvcc`` to build it. It is built once per model shape and batch into ``~/.cache/jaxlm/kernels``
-  (``JAXLM_CACHE_DIR`` moves it), which took 9-17 s on the H200 machine;
+  (``JAXLM_CACHE_DIR`` moves it), which took 5-17 s on the H200 machine;
 - at most ``MAX_ROWS`` rows;
 - weights and cache in one dtype: bfloat16, float16 or float32.
 Everywhere else ``generate`` uses ``ToyLM.decode_step``; ``unsupported`` says why.
@@ -100,7 +100,7 @@ def implementation(model, rows: int, cache_dtype=None) -> str:
 
 
 def prepare(model) -> DecodeWeights:
-    """The kernel's weights from the model's (traceable: done once per decode call, in XLA)."""
+    """The kernel's weights from the model's (traceable; ``generate`` makes them once per generation)."""
     dtype, f32 = model.dtype, jnp.float32
     cfg, blocks = model.cfg, list(model.blocks)
     out_in = lambda linear: linear.kernel[...].astype(dtype).T
