@@ -16,47 +16,14 @@
 // one library per model shape and batch). Weight matrices come transposed, [out, in], so that
 // each output is one warp's dot product over a contiguous row.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "toylm_decode_common.cuh"
 
-#include <cstdint>
-#include <string>
-#include <type_traits>
-
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
-
-#if JAXLM_DTYPE == 1
-using T = __nv_bfloat16;
-#elif JAXLM_DTYPE == 2
-using T = __half;
-#else
-using T = float;
-#endif
-
-constexpr int B = JAXLM_B;            // rows decoded together
-constexpr int D = JAXLM_D;            // model width
-constexpr int H = JAXLM_H;            // heads
-constexpr int K = JAXLM_K;            // head dim
-constexpr int F = JAXLM_F;            // MLP hidden width
-constexpr int V = JAXLM_V;            // vocabulary
-constexpr int L = JAXLM_L;            // layers
-constexpr int NB = JAXLM_BLOCKS;      // blocks: one per multiprocessor, all resident
-constexpr bool INTERLEAVED = JAXLM_INTERLEAVED;   // RoPE pairs 2i, 2i+1 (else i, i + K/2)
-
-constexpr int THREADS = 256, WARPS = THREADS / 32, TW = NB * WARPS;   // TW: warps in the grid
-constexpr int VEC = 16 / sizeof(T);                  // elements in one 16-byte load
 constexpr int NS = NB / (B * H) > 0 ? NB / (B * H) : 1;   // attention splits per (row, head)
 constexpr int TASKS = B * H * NS;
-constexpr int PART = K + 2;                          // a split's partial: max, sum, K outputs
-constexpr int KL = (K + 31) / 32;                    // head dims per lane
 // Warps sharing one row of the down projection (its inputs are F long), all in one block.
 constexpr int DOWN_PARTS = TW / D >= 8 ? 8 : TW / D >= 4 ? 4 : TW / D >= 2 ? 2 : 1;
 
 static_assert(D % VEC == 0 && F % (VEC * DOWN_PARTS) == 0, "rows must split into 16-byte chunks");
-static_assert(D == H * K && K % 2 == 0, "ToyLM shapes");
 static_assert(B <= 32, "a lane per row in the stores");
 
 // Workspace (float32 words): residual x [B, D], rotated queries [B, D], attention partials
@@ -71,51 +38,7 @@ constexpr int SM_ACT = 0, SM_NORM = ACT_FLOATS, SM_WARP = SM_NORM + B,
               SM_SPLIT = SM_WARP + WARPS * PART, SM_DOWN = SM_SPLIT + TASKS;
 constexpr int SMEM_BYTES = (SM_DOWN + WARPS * B) * 4;
 
-struct Params {
-  const int32_t* tokens;     // [B]  the token fed at this step
-  const int32_t* time;       // []   its time (cache.length)
-  const int32_t* starts;     // [B]  each row's first real time
-  const float* inv_freq;     // [K/2] RoPE frequencies, as layers.rope computes them
-  const T* embed;            // [V, D] (also the tied head)
-  const float* attn_norm;    // [L, D]
-  const T* wqkv;             // [L, 3D, D]
-  const T* wo;               // [L, D, D]
-  const float* mlp_norm;     // [L, D]
-  const T* wgu;              // [L, 2F, D]  gate rows, then up rows
-  const T* wdown;            // [L, D, F]
-  const float* final_norm;   // [D]
-  T* k_cache[L];             // [B, H, S_l, K]
-  T* v_cache[L];
-  int cache_size[L];
-  int window[L];             // keys visible within this many times; 0: global layer
-  float* ws;                 // workspace
-  float* logits;             // [B, V]
-  float eps, embed_scale, attn_scale;
-};
-
 // ------------------------------------------------------------------------------- helpers
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-template <typename U> __device__ __forceinline__ U from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
-// The value as the XLA path holds it in the compute dtype.
-__device__ __forceinline__ float round_t(float v) { return to_f(from_f<T>(v)); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ void unpack(const uint4& raw, float (&out)[VEC]) {
-  const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) out[i] = to_f(e[i]);
-}
 
 // VEC activations from shared memory: float32 rows, or (the MLP product) rows of T.
 template <typename A>
@@ -197,11 +120,6 @@ struct Tiles {
   }
 };
 
-// The residual stream before layer 0: the token's embedding (upcast, scaled).
-__device__ __forceinline__ float embedded(const Params& p, int b, int i) {
-  return to_f(p.embed[(size_t)p.tokens[b] * D + i]) * p.embed_scale;
-}
-
 // Shared act[b][i] = RMSNorm(x[b]) * w, rounded to T as the projections see it.
 __device__ void load_normed(const Params& p, bool first_layer, const float* norm_w, float* sm) {
   float* act = sm + SM_ACT;
@@ -222,22 +140,6 @@ __device__ void load_normed(const Params& p, bool first_layer, const float* norm
 }
 
 // ------------------------------------------------------------------------------- phases
-
-__device__ __forceinline__ const uint4* row_of(const T* matrix, size_t row, int length) {
-  return reinterpret_cast<const uint4*>(matrix + row * length);
-}
-
-// A RoPE pair of Q/K/V outputs: which of q, k, v (0, 1, 2), its head, frequency, two dims.
-struct Pair {
-  int which, h, i, d1, d2;
-  __device__ __forceinline__ explicit Pair(int pair) {
-    which = pair / (D / 2);
-    const int within = pair % (D / 2);
-    h = within / (K / 2), i = within % (K / 2);
-    d1 = INTERLEAVED ? h * K + 2 * i : h * K + i;
-    d2 = INTERLEAVED ? d1 + 1 : d1 + K / 2;
-  }
-};
 
 using QkvTiles = Tiles<3 * D / 2, 2, D / VEC>;   // an item is a RoPE pair: two rows
 using OTiles = Tiles<D, 1, D / VEC>;
@@ -437,39 +339,6 @@ __device__ void head_phase(const Params& p, float* sm, const HeadTiles& tiles) {
 
 // ------------------------------------------------------------------------------- the step
 
-// The grid-wide barrier: each block adds one to a counter that is never reset and waits until
-// all NB blocks have. A launch passes BARRIERS of them, so every launch starts the counter at a
-// multiple of NB * BARRIERS (a block reads it before its first arrival, when no block can have
-// passed a barrier yet). Release/acquire at GPU scope publish each block's writes. On an H200
-// the step took 227 us with it, 236 with cooperative_groups' grid.sync(). The launch is still
-// cooperative: that guarantees every block is resident, without which a barrier never opens.
-constexpr unsigned long long BARRIERS = 5 * L;
-__device__ unsigned long long barrier_arrivals;
-
-__device__ __forceinline__ unsigned long long barrier_start() {
-  __shared__ unsigned long long start;
-  if (threadIdx.x == 0) {
-    unsigned long long now;
-    asm volatile("ld.relaxed.gpu.u64 %0, [%1];" : "=l"(now) : "l"(&barrier_arrivals));
-    start = now - now % (NB * BARRIERS);
-  }
-  __syncthreads();
-  return start;
-}
-
-__device__ __forceinline__ void grid_barrier(unsigned long long& target) {
-  __syncthreads();
-  target += NB;
-  if (threadIdx.x == 0) {
-    unsigned long long now;
-    asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(&barrier_arrivals) : "memory");
-    do {
-      asm volatile("ld.acquire.gpu.u64 %0, [%1];" : "=l"(now) : "l"(&barrier_arrivals) : "memory");
-    } while (now < target);
-  }
-  __syncthreads();
-}
-
 // Each phase's weights are loaded one phase ahead of their use (see Tiles).
 __global__ void __launch_bounds__(THREADS, 1) decode_step_kernel(const Params p) {
   extern __shared__ __align__(16) float sm[];
@@ -504,78 +373,4 @@ __global__ void __launch_bounds__(THREADS, 1) decode_step_kernel(const Params p)
   head_phase(p, sm, head);
 }
 
-// ------------------------------------------------------------------------------- XLA FFI
-
-static ffi::Error DecodeStepImpl(cudaStream_t stream, ffi::AnyBuffer tokens, ffi::AnyBuffer time,
-                                 ffi::AnyBuffer starts, ffi::AnyBuffer inv_freq, ffi::AnyBuffer embed,
-                                 ffi::AnyBuffer attn_norm, ffi::AnyBuffer wqkv, ffi::AnyBuffer wo,
-                                 ffi::AnyBuffer mlp_norm, ffi::AnyBuffer wgu, ffi::AnyBuffer wdown,
-                                 ffi::AnyBuffer final_norm, ffi::RemainingArgs caches,
-                                 ffi::Result<ffi::AnyBuffer> logits, ffi::Result<ffi::AnyBuffer> workspace,
-                                 ffi::RemainingRets caches_out, ffi::Span<const int64_t> windows, float eps,
-                                 float embed_scale, float attn_scale) {
-  if (caches_out.size() != 2 * L || windows.size() != L)
-    return ffi::Error::InvalidArgument("decode_step: expected the keys and values of every layer");
-  Params p;
-  p.tokens = static_cast<const int32_t*>(tokens.untyped_data());
-  p.time = static_cast<const int32_t*>(time.untyped_data());
-  p.starts = static_cast<const int32_t*>(starts.untyped_data());
-  p.inv_freq = static_cast<const float*>(inv_freq.untyped_data());
-  p.embed = static_cast<const T*>(embed.untyped_data());
-  p.attn_norm = static_cast<const float*>(attn_norm.untyped_data());
-  p.wqkv = static_cast<const T*>(wqkv.untyped_data());
-  p.wo = static_cast<const T*>(wo.untyped_data());
-  p.mlp_norm = static_cast<const float*>(mlp_norm.untyped_data());
-  p.wgu = static_cast<const T*>(wgu.untyped_data());
-  p.wdown = static_cast<const T*>(wdown.untyped_data());
-  p.final_norm = static_cast<const float*>(final_norm.untyped_data());
-  for (int l = 0; l < L; ++l) {   // the outputs alias the inputs: the caches are updated in place
-    auto keys = caches_out.get<ffi::AnyBuffer>(l);
-    auto values = caches_out.get<ffi::AnyBuffer>(L + l);
-    if (keys.has_error()) return keys.error();
-    if (values.has_error()) return values.error();
-    p.k_cache[l] = static_cast<T*>((*keys)->untyped_data());
-    p.v_cache[l] = static_cast<T*>((*values)->untyped_data());
-    p.cache_size[l] = static_cast<int>((*keys)->dimensions()[2]);
-    p.window[l] = static_cast<int>(windows[l]);
-  }
-  p.ws = static_cast<float*>(workspace->untyped_data());
-  p.logits = static_cast<float*>(logits->untyped_data());
-  p.eps = eps, p.embed_scale = embed_scale, p.attn_scale = attn_scale;
-
-  static const cudaError_t configured = cudaFuncSetAttribute(
-      decode_step_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
-  if (configured != cudaSuccess) return ffi::Error::Internal(cudaGetErrorString(configured));
-  void* args[] = {&p};
-  const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(decode_step_kernel), NB, THREADS,
-                                                      args, SMEM_BYTES, stream);
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("decode_step launch: ") + cudaGetErrorString(err));
-  return ffi::Error::Success();
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmDecodeStep, DecodeStepImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()   // tokens
-                                  .Arg<ffi::AnyBuffer>()   // time
-                                  .Arg<ffi::AnyBuffer>()   // starts
-                                  .Arg<ffi::AnyBuffer>()   // inv_freq
-                                  .Arg<ffi::AnyBuffer>()   // embed
-                                  .Arg<ffi::AnyBuffer>()   // attn_norm
-                                  .Arg<ffi::AnyBuffer>()   // wqkv
-                                  .Arg<ffi::AnyBuffer>()   // wo
-                                  .Arg<ffi::AnyBuffer>()   // mlp_norm
-                                  .Arg<ffi::AnyBuffer>()   // wgu
-                                  .Arg<ffi::AnyBuffer>()   // wdown
-                                  .Arg<ffi::AnyBuffer>()   // final_norm
-                                  .RemainingArgs()         // keys of every layer, then values
-                                  .Ret<ffi::AnyBuffer>()   // logits
-                                  .Ret<ffi::AnyBuffer>()   // workspace
-                                  .RemainingRets()         // the caches, aliased to the inputs
-                                  .Attr<ffi::Span<const int64_t>>("windows")
-                                  .Attr<float>("eps")
-                                  .Attr<float>("embed_scale")
-                                  .Attr<float>("attn_scale"));
-
-// The workspace's size, for the Python side to allocate it.
-extern "C" int jaxlm_workspace_floats() { return WS_FLOATS; }
+#include "toylm_decode_ffi.cuh"

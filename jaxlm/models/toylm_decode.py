@@ -1,16 +1,19 @@
-"""ToyLM's decode step as one persistent CUDA kernel (``toylm_decode.cu``), called through XLA's FFI.
+"""ToyLM's decode step as one persistent CUDA kernel, called through XLA's FFI.
 
 Why: on a GPU, XLA runs ``ToyLM.decode_step`` as a chain of ~150 small dependent kernels. The
 chain, not the weights (read in ~25 us on an H200), bounds decoding at small batches
 (docs/PERFORMANCE.md, "Generation"). This kernel computes the same step in one launch. It uses
 the same cache layout and gives the same logits up to rounding, so ``generate`` can use it for
-one chunk and XLA for the next.
+one chunk and XLA for the next. It comes in two builds, by rows:
+- up to ``MAX_ROWS``: ``toylm_decode.cu``, products on the CUDA cores (a warp per output);
+- from there to ``MAX_MMA_ROWS``: ``toylm_decode_mma.cu``, products on the tensor cores
+  (``mma.sync`` on tiles of 16 rows), bfloat16 or float16 only.
 
 It runs where all of this holds:
 - a CUDA GPU;
 - ``nvcc`` to build it. It is built once per model shape and batch into ``~/.cache/jaxlm/kernels``
   (``JAXLM_CACHE_DIR`` moves it), which took 5-17 s on the H200 machine;
-- at most ``MAX_ROWS`` rows;
+- at most ``MAX_MMA_ROWS`` rows, and above ``MAX_ROWS`` a 16-bit dtype;
 - weights and cache in one dtype: bfloat16, float16 or float32.
 Everywhere else ``generate`` uses ``ToyLM.decode_step``; ``unsupported`` says why.
 """
@@ -36,10 +39,13 @@ from jaxlm.errors import JaxlmError
 from jaxlm.models import kv_cache, layers
 from jaxlm.models.toylm import ToyLM, softcap
 
-SOURCE = pathlib.Path(__file__).with_name("toylm_decode.cu")
-# Rows up to which the kernel is faster than XLA's step: on an H200 (crowfeather, bf16) 0.296 against
-# 0.307 ms a step at 3 rows, even at 4, slower from 6 (0.426 against 0.311 ms).
+_HERE = pathlib.Path(__file__).parent
+CUDA_CORE_SOURCE, TENSOR_CORE_SOURCE = _HERE / "toylm_decode.cu", _HERE / "toylm_decode_mma.cu"
+_HEADERS = (_HERE / "toylm_decode_common.cuh", _HERE / "toylm_decode_ffi.cuh")
+# Rows up to which the CUDA-core build is faster than XLA's step: on an H200 (crowfeather, bf16) 0.296
+# against 0.307 ms a step at 3 rows, even at 4, slower from 6 (0.426 against 0.311 ms).
 MAX_ROWS = 3
+MAX_MMA_ROWS = 64   # rows up to which the tensor-core build runs (crossover: see docs/PERFORMANCE.md)
 DOWN_SPLIT_MAX = 8    # the kernel splits a down-projection row over up to 8 warps
 _DTYPE_CODES = {jnp.dtype(jnp.float32): 0, jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}
 # "xla" or "cuda" forces an implementation (benchmarks and tests compare them); None chooses.
@@ -81,12 +87,18 @@ def unsupported(model, rows: int, cache_dtype=None) -> str | None:
         return f"compute dtype {dtype.name}"
     if cache_dtype is not None and jnp.dtype(cache_dtype) != dtype:
         return f"the cache is {jnp.dtype(cache_dtype).name}, the weights {dtype.name}"
-    if rows > MAX_ROWS:
-        return f"{rows} rows (the kernel takes at most {MAX_ROWS})"
+    if rows > MAX_MMA_ROWS:
+        return f"{rows} rows (the kernel takes at most {MAX_MMA_ROWS})"
     vec = 16 // dtype.itemsize   # elements in one 16-byte load
     cfg = model.cfg
-    if cfg.dim % vec or cfg.mlp_hidden % (vec * DOWN_SPLIT_MAX):
+    if rows <= MAX_ROWS and (cfg.dim % vec or cfg.mlp_hidden % (vec * DOWN_SPLIT_MAX)):
         return f"dim {cfg.dim} / mlp_hidden {cfg.mlp_hidden} not multiples of {vec} / {vec * DOWN_SPLIT_MAX}"
+    if rows > MAX_ROWS:   # the tensor-core build's tiles: inputs in 32s, a head at most 8 n-tiles of 8
+        if dtype.itemsize != 2:
+            return f"{rows} rows in {dtype.name} (above {MAX_ROWS} rows the kernel takes 16-bit dtypes)"
+        if cfg.dim % 32 or cfg.mlp_hidden % 64 or cfg.vocab_size % 128 or cfg.head_dim % 8 or cfg.head_dim > 64:
+            return (f"dim {cfg.dim} / mlp_hidden {cfg.mlp_hidden} / vocab {cfg.vocab_size} not multiples of "
+                    f"32 / 64 / 128, or head_dim {cfg.head_dim} not a multiple of 8 up to 64")
     if find_nvcc() is None:
         return "nvcc not found (set JAXLM_NVCC or CUDA_HOME)"
     return None
@@ -152,10 +164,12 @@ def _compile(defines: tuple) -> pathlib.Path:
     """The kernel's library for one shape, built with nvcc unless the cache already holds it."""
     settings = dict(defines)
     arch = settings.pop("ARCH")
+    source = CUDA_CORE_SOURCE if settings["B"] <= MAX_ROWS else TENSOR_CORE_SOURCE
     flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-Wno-return-type",
              "-diag-suppress", "940,2473", f"-gencode=arch=compute_{arch},code=sm_{arch}",
              "-I", jax.ffi.include_dir(), *(f"-DJAXLM_{k}={v}" for k, v in settings.items())]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    code = b"".join(path.read_bytes() for path in (source, *_HEADERS))
+    key = hashlib.sha256(code + " ".join(flags).encode()).hexdigest()[:16]
     cache_dir = pathlib.Path(os.path.expanduser(os.environ.get("JAXLM_CACHE_DIR", "~/.cache/jaxlm"))) / "kernels"
     library = cache_dir / f"toylm_decode_{key}.so"
     if library.exists():
@@ -166,7 +180,7 @@ def _compile(defines: tuple) -> pathlib.Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:   # built aside, then moved: never half a file
         built = pathlib.Path(tmp) / library.name
-        result = subprocess.run([nvcc, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        result = subprocess.run([nvcc, *flags, str(source), "-o", str(built)], capture_output=True, text=True)
         if result.returncode:
             lines = result.stderr.splitlines()
             errors = [line for line in lines if "error" in line.lower()] or lines or ["no message"]
