@@ -1,9 +1,10 @@
 """The CUDA decode step (jaxlm.models.toylm_decode).
 
 Everywhere: the weights it reads reproduce the model's projections, it is not used where it
-cannot run, and a failed build is one clear line. With nvcc: the kernel compiles. On an NVIDIA
-GPU only (skipped elsewhere, with the reason): its logits and caches equal ToyLM.decode_step's
-in float32 past the sliding window, and generate gives the same tokens through it.
+cannot run, and a failed build is one clear line. With nvcc: both builds compile. On an NVIDIA
+GPU only (skipped elsewhere, with the reason): the CUDA-core build's logits and caches equal
+ToyLM.decode_step's in float32 past the sliding window, generate gives the same tokens through
+it, and the tensor-core build (bf16, many rows) gives each row what the CUDA-core build gives it.
 """
 
 import stat
@@ -16,7 +17,7 @@ from flax import nnx
 
 from jaxlm import generate as G
 from jaxlm.errors import JaxlmError
-from jaxlm.models import layers, toylm_decode
+from jaxlm.models import kv_cache, layers, toylm_decode
 from jaxlm.models.toylm import ToyLM, ToyLMConfig
 
 TINY = dict(vocab_size=256, dim=64, n_layers=4, n_heads=4, head_dim=16, mlp_hidden=128, max_seq_len=64,
@@ -25,9 +26,9 @@ ON_GPU = jax.default_backend() == "gpu" and toylm_decode.find_nvcc() is not None
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU and nvcc (the kernel runs nowhere else)")
 
 
-def tiny_model(**overrides) -> ToyLM:
+def tiny_model(dtype=jnp.float32, **overrides) -> ToyLM:
     """Random weights, norm scales away from 1 so that a misplaced scale shows."""
-    model = ToyLM(ToyLMConfig(**{**TINY, **overrides}), rngs=nnx.Rngs(0), dtype=jnp.float32)
+    model = ToyLM(ToyLMConfig(**{**TINY, **overrides}), rngs=nnx.Rngs(0), dtype=dtype)
     rng = np.random.default_rng(0)
     for norm in [*(b.attn_norm for b in model.blocks), *(b.mlp_norm for b in model.blocks), model.final_norm]:
         norm.w[...] = jnp.asarray(1 + 0.3 * rng.standard_normal(norm.w.shape), jnp.float32)
@@ -74,8 +75,12 @@ def test_too_many_rows_or_mixed_dtypes_are_refused(monkeypatch):
     model = tiny_model()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "devices", lambda: [type("Gpu", (), {"platform": "gpu", "device_kind": "NVIDIA H200"})()])
-    assert "rows" in toylm_decode.unsupported(model, toylm_decode.MAX_ROWS + 1)
+    assert "16-bit" in toylm_decode.unsupported(model, toylm_decode.MAX_ROWS + 1)   # float32: CUDA cores only
     assert "cache is bfloat16" in toylm_decode.unsupported(model, 1, jnp.bfloat16)
+    half = tiny_model(dtype=jnp.bfloat16)
+    assert "at most" in toylm_decode.unsupported(half, toylm_decode.MAX_MMA_ROWS + 1)
+    odd_head = tiny_model(dtype=jnp.bfloat16, dim=48, n_heads=4, head_dim=12)
+    assert "head_dim 12" in toylm_decode.unsupported(odd_head, toylm_decode.MAX_ROWS + 1)
 
 
 def _fake_nvcc(tmp_path, script: str) -> str:
@@ -98,9 +103,10 @@ def test_a_failed_build_is_one_clear_line_and_leaves_no_library(tmp_path, monkey
 
 
 @pytest.mark.skipif(toylm_decode.find_nvcc() is None, reason="needs nvcc to build the kernel")
-def test_the_kernel_compiles_for_half_and_single_precision(tmp_path, monkeypatch):
+def test_both_builds_compile_for_half_and_single_precision(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path))
-    for dtype_code, rows, interleaved in ((0, 3, 1), (1, 1, 0)):
+    # CUDA cores: float32 and bf16; tensor cores (above MAX_ROWS rows): bf16 and float16
+    for dtype_code, rows, interleaved in ((0, 2, 1), (1, 1, 0), (1, 20, 0), (2, 64, 1)):
         defines = (("DTYPE", dtype_code), ("B", rows), ("D", 64), ("H", 4), ("K", 16), ("F", 128), ("V", 256),
                    ("L", 4), ("BLOCKS", 132), ("INTERLEAVED", interleaved), ("ARCH", "90"))
         library = toylm_decode._compile(defines)
@@ -113,14 +119,14 @@ def test_the_kernel_compiles_for_half_and_single_precision(tmp_path, monkeypatch
 
 @needs_gpu
 @pytest.mark.parametrize("overrides, rows", [
-    ({}, 3),
-    (dict(rope_pairing="interleaved", embed_scale=True, window_includes_query=False, lm_head_logit_cap=0.0), 2),
+    ({}, 2),
+    (dict(rope_pairing="interleaved", embed_scale=True, window_includes_query=False, lm_head_logit_cap=0.0), 1),
 ])
 def test_cuda_step_equals_the_xla_step_past_the_window(overrides, rows):
     model = tiny_model(**overrides)
     prompt, steps = 6, 26   # the sliding rings (8 slots) wrap three times
     ids = jax.random.randint(jax.random.key(1), (rows, prompt + steps), 0, model.cfg.vocab_size)
-    starts = jnp.array([0, 2, 5][:rows], jnp.int32)
+    starts = jnp.array([2, 0][:rows], jnp.int32)
     with jax.default_matmul_precision("highest"):   # XLA's default float32 matmuls on GPU are TF32
         _, cache = jax.jit(model.prefill)(ids[:, :prompt], model.init_cache(rows, 32), starts)
         weights = toylm_decode.prepare(model)
@@ -147,3 +153,42 @@ def test_generate_gives_the_same_tokens_through_the_kernel(monkeypatch):
     jax.clear_caches()
     assert toylm_decode.unsupported(model, 2) is None
     assert through_kernel == through_xla
+
+
+@needs_gpu
+@pytest.mark.parametrize("overrides, rows", [
+    ({}, 20),
+    (dict(rope_pairing="interleaved", embed_scale=True, window_includes_query=False, lm_head_logit_cap=0.0), 35),
+])
+def test_tensor_core_build_gives_each_row_what_the_cuda_core_build_gives(overrides, rows):
+    """bf16 (the tensor cores take no float32): the many-row build against the few-row build on
+    3-row slices, the first m-tile and the padded last one. Both keep the residual in float32
+    and round where XLA's step does, so they differ only by summation order (a bf16 rounding
+    flip here and there); on an H200 at most 2.4e-3 of the largest logit, caches 2e-3."""
+    model = tiny_model(jnp.bfloat16, **overrides)
+    prompt, steps = 6, 26   # the sliding rings (8 slots) wrap three times
+    ids = jax.random.randint(jax.random.key(1), (rows, prompt + steps), 0, model.cfg.vocab_size)
+    starts = jnp.asarray(np.random.default_rng(1).integers(0, 6, rows), jnp.int32)
+    _, cache = jax.jit(model.prefill)(ids[:, :prompt], model.init_cache(rows, 32), starts)
+    assert toylm_decode.unsupported(model, rows) is None and rows > toylm_decode.MAX_ROWS
+    weights = toylm_decode.prepare(model)
+    step = jax.jit(lambda w, i, c: toylm_decode.decode_step(model, w, i, c))
+    xla_step = jax.jit(model.decode_step)
+    slices = [np.arange(3), np.arange(rows - 3, rows)]
+    take = lambda c, r: kv_cache.KVCache(tuple(k[r] for k in c.keys), tuple(v[r] for v in c.values), c.length,
+                                         c.starts_B[r])
+    many_cache, xla_cache, few_caches = cache, cache, [take(cache, r) for r in slices]
+    for t in range(steps):
+        token = ids[:, prompt + t]
+        many_logits, many_cache = step(weights, token, many_cache)
+        xla_logits, xla_cache = xla_step(token, xla_cache)
+        scale = float(jnp.max(jnp.abs(xla_logits)))
+        # against XLA's bf16 step, which rounds the residual per op: within bf16 rounding
+        assert float(jnp.linalg.norm(many_logits - xla_logits) / jnp.linalg.norm(xla_logits)) < 1e-2
+        for k, r in enumerate(slices):
+            few_logits, few_caches[k] = step(weights, token[r], few_caches[k])
+            np.testing.assert_allclose(many_logits[r], few_logits, atol=1e-2 * scale, rtol=0)
+    for k, r in enumerate(slices):
+        for many, few in zip(many_cache.keys + many_cache.values, few_caches[k].keys + few_caches[k].values):
+            many, few = np.asarray(many[r], np.float32), np.asarray(few, np.float32)
+            np.testing.assert_allclose(many, few, atol=1e-2 * np.abs(few).max(), rtol=0)

@@ -42,10 +42,12 @@ from jaxlm.models.toylm import ToyLM, softcap
 _HERE = pathlib.Path(__file__).parent
 CUDA_CORE_SOURCE, TENSOR_CORE_SOURCE = _HERE / "toylm_decode.cu", _HERE / "toylm_decode_mma.cu"
 _HEADERS = (_HERE / "toylm_decode_common.cuh", _HERE / "toylm_decode_ffi.cuh")
-# Rows up to which the CUDA-core build is faster than XLA's step: on an H200 (crowfeather, bf16) 0.296
-# against 0.307 ms a step at 3 rows, even at 4, slower from 6 (0.426 against 0.311 ms).
-MAX_ROWS = 3
-MAX_MMA_ROWS = 64   # rows up to which the tensor-core build runs (crossover: see docs/PERFORMANCE.md)
+# Rows per build, from the H200 (crowfeather, bf16, ms a step): the CUDA-core build is fastest at 1-2
+# rows (0.229 / 0.236 against 0.244 / 0.246 through the tensor cores), the tensor-core build from 3
+# (0.245 against 0.290) up to 64 (0.370 against XLA's 0.439); at 128 XLA's step is faster (0.538
+# against 0.566).
+MAX_ROWS = 2
+MAX_MMA_ROWS = 64
 DOWN_SPLIT_MAX = 8    # the kernel splits a down-projection row over up to 8 warps
 _DTYPE_CODES = {jnp.dtype(jnp.float32): 0, jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}
 # "xla" or "cuda" forces an implementation (benchmarks and tests compare them); None chooses.
