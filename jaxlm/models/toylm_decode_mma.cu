@@ -392,6 +392,26 @@ __device__ void attention_phase(const Params& p, int l, int time, float* sm) {
   }
 }
 
+// O and down end alike: a task's 16 outputs are added to the residual stream, thread r * 16 + c
+// owning output c of row 16m + r. ResidualBefore loads the value it is added to (early, see
+// gemm_phase): the embedding before layer 0's O projection, else the residual stream.
+struct ResidualBefore {
+  const Params& p;
+  bool embedding;
+  __device__ float operator()(int m, int n) const {
+    const int b = 16 * m + threadIdx.x / 16, j = n * 16 + threadIdx.x % 16;
+    return b >= B ? 0.f : embedding ? embedded(p, b, j) : p.ws[WS_X + b * D + j];
+  }
+};
+struct AddToResidual {
+  const Params& p;
+  template <typename Sum>
+  __device__ void operator()(int m, int n, Sum sum, float x) const {
+    const int r = threadIdx.x / 16, c = threadIdx.x % 16, b = 16 * m + r;
+    if (b < B) p.ws[WS_X + b * D + n * 16 + c] = x + round_t(sum(r, c / 8, 0, c % 8));
+  }
+};
+
 // 3. O projection of the attention output, added to the residual stream.
 __device__ void o_phase(const Params& p, int l, float* sm) {
   using G = OGemm;
@@ -399,14 +419,7 @@ __device__ void o_phase(const Params& p, int l, float* sm) {
   gemm_phase<G>(
       D / (8 * G::NT), sm, [&](int n, int nt, int) { return w + (size_t)(n * G::NT + nt) * 8 * D; },
       [&](int m, T* a) { stage_rows<D, G::STRIDE>(reinterpret_cast<const T*>(p.ws + WS_ATT), m, a); },
-      [&](int m, int n) {   // thread e = r * 16 + c owns output (row 16m + r, column 16n + c)
-        const int b = 16 * m + threadIdx.x / 16, j = n * 16 + threadIdx.x % 16;
-        return b >= B ? 0.f : l == 0 ? embedded(p, b, j) : p.ws[WS_X + b * D + j];
-      },
-      [&](int m, int n, auto sum, float x) {
-        const int r = threadIdx.x / 16, c = threadIdx.x % 16, b = 16 * m + r;
-        if (b < B) p.ws[WS_X + b * D + n * 16 + c] = x + round_t(sum(r, c / 8, 0, c % 8));
-      });
+      ResidualBefore{p, l == 0}, AddToResidual{p});
 }
 
 // 4. RMSNorm, then gate and up of 8 * NT hidden units; SiLU(gate) * up to the workspace.
@@ -437,14 +450,7 @@ __device__ void down_phase(const Params& p, int l, float* sm) {
   gemm_phase<G>(
       D / (8 * G::NT), sm, [&](int n, int nt, int) { return w + (size_t)(n * G::NT + nt) * 8 * F; },
       [&](int m, T* a) { stage_rows<F, G::STRIDE>(reinterpret_cast<const T*>(p.ws + WS_HID), m, a); },
-      [&](int m, int n) {   // as in o_phase
-        const int b = 16 * m + threadIdx.x / 16;
-        return b < B ? p.ws[WS_X + b * D + n * 16 + threadIdx.x % 16] : 0.f;
-      },
-      [&](int m, int n, auto sum, float x) {
-        const int r = threadIdx.x / 16, c = threadIdx.x % 16, b = 16 * m + r;
-        if (b < B) p.ws[WS_X + b * D + n * 16 + c] = x + round_t(sum(r, c / 8, 0, c % 8));
-      });
+      ResidualBefore{p, false}, AddToResidual{p});
 }
 
 // 6. Final RMSNorm and the tied head: float32 logits.
