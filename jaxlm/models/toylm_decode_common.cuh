@@ -132,12 +132,19 @@ __device__ __forceinline__ unsigned long long barrier_start() {
   return start;
 }
 
-__device__ __forceinline__ void grid_barrier(unsigned long long& target) {
+// The barrier in two halves, so that a block can issue loads that do not depend on the other
+// blocks (weights, old cache slots) between them and overlap their latency with the barrier's.
+__device__ __forceinline__ void barrier_arrive(unsigned long long& target) {
   __syncthreads();
   target += NB;
   if (threadIdx.x == 0) {
-    unsigned long long now;
     asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(&barrier_arrivals) : "memory");
+  }
+}
+
+__device__ __forceinline__ void barrier_wait(unsigned long long target) {
+  if (threadIdx.x == 0) {
+    unsigned long long now;
     do {
       asm volatile("ld.acquire.gpu.u64 %0, [%1];" : "=l"(now) : "l"(&barrier_arrivals) : "memory");
     } while (now < target);
@@ -145,3 +152,7 @@ __device__ __forceinline__ void grid_barrier(unsigned long long& target) {
   __syncthreads();
 }
 
+__device__ __forceinline__ void grid_barrier(unsigned long long& target) {
+  barrier_arrive(target);
+  barrier_wait(target);
+}

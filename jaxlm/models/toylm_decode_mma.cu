@@ -117,25 +117,29 @@ struct WarpTiles {
 };
 
 // Runs one product phase: tasks (m-tile, n) for n < per_m, in contiguous ranges per block (so a
-// block mostly keeps its m-tile staged).
+// block mostly keeps its m-tile staged). `barrier` is the grid barrier before the phase (nullptr:
+// none): a block arrives, issues its first task's weight loads, which never depend on the other
+// blocks, and then waits, so that their latency overlaps the barrier's.
 //   tile(n, nt, j)  -> the first weight row of the warp's n-tile j (input 0)
 //   stage(m, a)     -> writes the m-tile's 16 activation rows to shared a (row stride STRIDE)
 //   early(m, n)     -> a float each thread needs in finish, loaded before the product so that
 //                      its latency overlaps it (the residual a projection is added to)
 //   finish(m, n, sum, early) with sum(r, nt, j, c): the product at row r, output c of n-tile (nt, j)
 template <class G, typename TileOf, typename Stage, typename Early, typename Finish>
-__device__ __forceinline__ void gemm_phase(int per_m, float* sm, TileOf tile, Stage stage, Early early,
-                                           Finish finish) {
+__device__ __forceinline__ void gemm_phase(int per_m, float* sm, unsigned long long* barrier, TileOf tile,
+                                           Stage stage, Early early, Finish finish) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nt = warp % G::NT, ks = warp / G::NT;
   const bool active = warp < G::NT * G::KS;
   T* a = reinterpret_cast<T*>(sm + SM_A);
   float* red = sm + SM_RED;
   const int tasks = MT * per_m, first = blockIdx.x * tasks / NB, last = (blockIdx.x + 1) * tasks / NB;
   int staged = -1;
+  if (barrier) barrier_arrive(*barrier);
   for (int task = first; task < last; ++task) {   // block-uniform
     const int m = task / per_m, n = task % per_m;
-    WarpTiles<G> w;   // issued first: their latency overlaps the staging
+    WarpTiles<G> w;   // issued first: their latency overlaps the barrier and the staging
     w.load([&](int j) -> const T* { return active ? tile(n, nt, j) + ks * G::CH * 32 : nullptr; });
+    if (barrier) barrier_wait(*barrier), barrier = nullptr;
     const float early_value = early(m, n);
     __syncthreads();   // the previous task is done with a and red
     if (m != staged) {
@@ -162,6 +166,7 @@ __device__ __forceinline__ void gemm_phase(int per_m, float* sm, TileOf tile, St
       return s;
     }, early_value);
   }
+  if (barrier) barrier_wait(*barrier);   // a block without tasks
 }
 
 struct NothingEarly {
@@ -232,11 +237,11 @@ __device__ void stage_rows(const T* src, int m, T* a) {
 
 // 1. A task is one head of q, k or v for an m-tile: RMSNorm, the head's K outputs, RoPE; q to
 // the workspace, k and v into the cache.
-__device__ void qkv_phase(const Params& p, int l, int time, float* sm) {
+__device__ void qkv_phase(const Params& p, int l, int time, float* sm, unsigned long long* barrier) {
   using G = QkvGemm;
   const T* w = p.wqkv + (size_t)l * 3 * D * D;
   gemm_phase<G>(
-      3 * H, sm, [&](int n, int nt, int) { return w + (size_t)(n * K + nt * 8) * D; },
+      3 * H, sm, barrier, [&](int n, int nt, int) { return w + (size_t)(n * K + nt * 8) * D; },
       [&](int m, T* a) { stage_normed<G::STRIDE>(p, l == 0, p.attn_norm + l * D, m, a); },
       NothingEarly{},
       [&](int m, int n, auto sum, float) {
@@ -337,16 +342,16 @@ struct Attention {
   }
 };
 
-__device__ __forceinline__ void attend(Attention& a, int l, int b, int h, int lo, float* q) {
-  const Params& p = a.p;
-  const T* keys = p.k_cache[l] + ((size_t)b * H + h) * a.S * K;
-  const T* values = p.v_cache[l] + ((size_t)b * H + h) * a.S * K;
-  for (int d = threadIdx.x % 32; d < K; d += 32) q[d] = p.ws[WS_Q + b * D + h * K + d];
+// A warp's attention over the slots [lo, a.hi) of its head's keys and values; `query` is the
+// rotated query in the workspace, `q` the warp's shared copy; `chunk` may hold the first chunk
+// already (`loaded`).
+__device__ __forceinline__ void attend(Attention& a, const T* keys, const T* values, int lo, const float* query,
+                                       float* q, Chunk& chunk, bool loaded) {
+  for (int d = threadIdx.x % 32; d < K; d += 32) q[d] = query[d];
   __syncwarp();
   a.q = q;
-  for (int s0 = lo; s0 < a.hi; s0 += 32) {
-    Chunk chunk;
-    chunk.load(keys, values, s0, a.hi);
+  for (int s0 = lo; s0 < a.hi; s0 += 32, loaded = false) {
+    if (!loaded) chunk.load(keys, values, s0, a.hi);
     a.add(chunk, s0);
   }
 }
@@ -358,15 +363,25 @@ constexpr int SPLITS = [] {
   while (s * 2 <= WARPS && B * H * s * 2 <= TW) s *= 2;
   return s;
 }();
-__device__ void attention_phase(const Params& p, int l, int time, float* sm) {
+__device__ void attention_phase(const Params& p, int l, int time, float* sm, unsigned long long& barrier) {
   constexpr int PER_BLOCK = WARPS / SPLITS;   // (row, head) pairs a block takes at a time
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n = min(time + 1, p.cache_size[l]);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, S = p.cache_size[l], n = min(time + 1, S);
   float* part = sm + SM_PART;
   T* out = reinterpret_cast<T*>(p.ws + WS_ATT);
+  barrier_arrive(barrier);   // the barrier after the Q/K/V phase, waited for below
+  bool waiting = true;
   for (int base = blockIdx.x * PER_BLOCK; base < B * H; base += NB * PER_BLOCK) {   // block-uniform
-    const int pair = base + warp / SPLITS, split = warp % SPLITS, b = pair / H;
-    Attention a{p, time, p.cache_size[l], p.window[l], b < B ? p.starts[b] : 0, (split + 1) * n / SPLITS, nullptr};
-    if (pair < B * H) attend(a, l, b, pair % H, split * n / SPLITS, sm + SM_Q + warp * K);
+    const int pair = base + warp / SPLITS, split = warp % SPLITS, b = pair / H, lo = split * n / SPLITS;
+    Attention a{p, time, S, p.window[l], b < B ? p.starts[b] : 0, (split + 1) * n / SPLITS, nullptr};
+    const T* keys = p.k_cache[l] + (size_t)pair * S * K;   // pair = b * H + head
+    const T* values = p.v_cache[l] + (size_t)pair * S * K;
+    // The slots written before this step do not depend on the Q/K/V phase: the first chunk is
+    // loaded before the barrier, unless it holds this step's slot.
+    Chunk chunk;
+    const bool early = waiting && pair < B * H && lo < a.hi && (time % S < lo || time % S >= min(lo + 32, a.hi));
+    if (early) chunk.load(keys, values, lo, a.hi);
+    if (waiting) barrier_wait(barrier), waiting = false;
+    if (pair < B * H) attend(a, keys, values, lo, p.ws + WS_Q + b * D + pair % H * K, sm + SM_Q + warp * K, chunk, early);
     float* mine = part + warp * PART;
     if (lane == 0) mine[0] = a.run_max, mine[1] = a.total;
 #pragma unroll
@@ -390,6 +405,7 @@ __device__ void attention_phase(const Params& p, int l, int time, float* sm) {
     }
     __syncthreads();
   }
+  if (waiting) barrier_wait(barrier);   // a block without pairs
 }
 
 // O and down end alike: a task's 16 outputs are added to the residual stream, thread r * 16 + c
@@ -413,22 +429,22 @@ struct AddToResidual {
 };
 
 // 3. O projection of the attention output, added to the residual stream.
-__device__ void o_phase(const Params& p, int l, float* sm) {
+__device__ void o_phase(const Params& p, int l, float* sm, unsigned long long& barrier) {
   using G = OGemm;
   const T* w = p.wo + (size_t)l * D * D;
   gemm_phase<G>(
-      D / (8 * G::NT), sm, [&](int n, int nt, int) { return w + (size_t)(n * G::NT + nt) * 8 * D; },
+      D / (8 * G::NT), sm, &barrier, [&](int n, int nt, int) { return w + (size_t)(n * G::NT + nt) * 8 * D; },
       [&](int m, T* a) { stage_rows<D, G::STRIDE>(reinterpret_cast<const T*>(p.ws + WS_ATT), m, a); },
       ResidualBefore{p, l == 0}, AddToResidual{p});
 }
 
 // 4. RMSNorm, then gate and up of 8 * NT hidden units; SiLU(gate) * up to the workspace.
-__device__ void gate_up_phase(const Params& p, int l, float* sm) {
+__device__ void gate_up_phase(const Params& p, int l, float* sm, unsigned long long& barrier) {
   using G = GateUpGemm;
   const T* w = p.wgu + (size_t)l * 2 * F * D;
   T* hid = reinterpret_cast<T*>(p.ws + WS_HID);
   gemm_phase<G>(
-      F / (8 * G::NT), sm,
+      F / (8 * G::NT), sm, &barrier,
       [&](int n, int nt, int j) { return w + (size_t)(j * F + (n * G::NT + nt) * 8) * D; },
       [&](int m, T* a) { stage_normed<G::STRIDE>(p, false, p.mlp_norm + l * D, m, a); },
       NothingEarly{},
@@ -444,21 +460,21 @@ __device__ void gate_up_phase(const Params& p, int l, float* sm) {
 }
 
 // 5. Down projection of the MLP product, added to the residual stream.
-__device__ void down_phase(const Params& p, int l, float* sm) {
+__device__ void down_phase(const Params& p, int l, float* sm, unsigned long long& barrier) {
   using G = DownGemm;
   const T* w = p.wdown + (size_t)l * D * F;
   gemm_phase<G>(
-      D / (8 * G::NT), sm, [&](int n, int nt, int) { return w + (size_t)(n * G::NT + nt) * 8 * F; },
+      D / (8 * G::NT), sm, &barrier, [&](int n, int nt, int) { return w + (size_t)(n * G::NT + nt) * 8 * F; },
       [&](int m, T* a) { stage_rows<F, G::STRIDE>(reinterpret_cast<const T*>(p.ws + WS_HID), m, a); },
       ResidualBefore{p, false}, AddToResidual{p});
 }
 
 // 6. Final RMSNorm and the tied head: float32 logits.
-__device__ void head_phase(const Params& p, float* sm) {
+__device__ void head_phase(const Params& p, float* sm, unsigned long long& barrier) {
   using G = HeadGemm;
   constexpr int COLS = 8 * G::NT * G::NPW;
   gemm_phase<G>(
-      V / COLS, sm, [&](int n, int nt, int j) { return p.embed + (size_t)(n * COLS + (nt * G::NPW + j) * 8) * D; },
+      V / COLS, sm, &barrier, [&](int n, int nt, int j) { return p.embed + (size_t)(n * COLS + (nt * G::NPW + j) * 8) * D; },
       [&](int m, T* a) { stage_normed<G::STRIDE>(p, false, p.final_norm, m, a); },
       NothingEarly{},
       [&](int m, int n, auto sum, float) {
@@ -475,19 +491,15 @@ __global__ void __launch_bounds__(THREADS, 1) decode_step_kernel(const Params p)
   extern __shared__ __align__(16) float sm[];
   unsigned long long barrier = barrier_start();
   const int time = *p.time;
+  // Each phase begins with the grid barrier after the one before (but layer 0's first).
   for (int l = 0; l < L; ++l) {
-    qkv_phase(p, l, time, sm);
-    grid_barrier(barrier);
-    attention_phase(p, l, time, sm);
-    grid_barrier(barrier);
-    o_phase(p, l, sm);
-    grid_barrier(barrier);
-    gate_up_phase(p, l, sm);
-    grid_barrier(barrier);
-    down_phase(p, l, sm);
-    grid_barrier(barrier);
+    qkv_phase(p, l, time, sm, l ? &barrier : nullptr);
+    attention_phase(p, l, time, sm, barrier);
+    o_phase(p, l, sm, barrier);
+    gate_up_phase(p, l, sm, barrier);
+    down_phase(p, l, sm, barrier);
   }
-  head_phase(p, sm);
+  head_phase(p, sm, barrier);
 }
 
 #include "toylm_decode_ffi.cuh"
