@@ -333,7 +333,7 @@ __device__ void head_phase(const Params& p, float* sm, const HeadTiles& tiles) {
   load_normed(p, false, p.final_norm, sm);
   tiles.multiply<D>(sm + SM_ACT, [&](int v, float (&s)[1][B]) {
     const int b = threadIdx.x % 32;
-    if (b < B) p.logits[(size_t)b * V + v] = s[0][b];
+    if (b < B) p.logits[(size_t)b * V + v] = capped(p, s[0][b]);
   });
 }
 

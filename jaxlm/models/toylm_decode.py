@@ -37,7 +37,7 @@ import numpy as np
 
 from jaxlm.errors import JaxlmError
 from jaxlm.models import kv_cache, layers
-from jaxlm.models.toylm import ToyLM, softcap
+from jaxlm.models.toylm import ToyLM
 
 _HERE = pathlib.Path(__file__).parent
 CUDA_CORE_SOURCE, TENSOR_CORE_SOURCE = _HERE / "toylm_decode.cu", _HERE / "toylm_decode_mma.cu"
@@ -148,10 +148,9 @@ def decode_step(model, weights: DecodeWeights, ids_B, cache: kv_cache.KVCache):
         ids_B.astype(jnp.int32), cache.length, cache.starts_B, *weights, *caches,
         windows=np.array([block.attn.window or 0 for block in model.blocks], np.int64),
         eps=np.float32(cfg.norm_eps), embed_scale=np.float32(math.sqrt(cfg.dim) if cfg.embed_scale else 1.0),
-        attn_scale=np.float32(1.0 / math.sqrt(cfg.head_dim)))
+        attn_scale=np.float32(1.0 / math.sqrt(cfg.head_dim)), logit_cap=np.float32(cfg.lm_head_logit_cap or 0.0))
     n = cfg.n_layers
-    return (softcap(logits_BV, cfg.lm_head_logit_cap),
-            kv_cache.KVCache(tuple(caches[:n]), tuple(caches[n:]), cache.length + 1, cache.starts_B))
+    return (logits_BV, kv_cache.KVCache(tuple(caches[:n]), tuple(caches[n:]), cache.length + 1, cache.starts_B))
 
 
 def _defines(model, rows: int) -> tuple:

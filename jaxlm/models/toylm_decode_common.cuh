@@ -61,6 +61,7 @@ struct Params {
   float* ws;                 // workspace
   float* logits;             // [B, V]
   float eps, embed_scale, attn_scale;
+  float logit_cap;           // the head's soft-cap; 0: none
 };
 
 // ------------------------------------------------------------------------------- helpers
@@ -93,6 +94,12 @@ __device__ __forceinline__ float embedded(const Params& p, int b, int i) {
   return to_f(p.embed[(size_t)p.tokens[b] * D + i]) * p.embed_scale;
 }
 
+
+// A logit as ToyLM.decode_step gives it: soft-capped (cap * tanh(logit / cap)) when the model
+// caps them. Capping here spares the decode loop a pass over the [B, V] logits.
+__device__ __forceinline__ float capped(const Params& p, float logit) {
+  return p.logit_cap > 0.f ? p.logit_cap * tanhf(logit / p.logit_cap) : logit;
+}
 
 __device__ __forceinline__ const uint4* row_of(const T* matrix, size_t row, int length) {
   return reinterpret_cast<const uint4*>(matrix + row * length);

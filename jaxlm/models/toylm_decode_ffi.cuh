@@ -10,7 +10,7 @@ static ffi::Error DecodeStepImpl(cudaStream_t stream, ffi::AnyBuffer tokens, ffi
                                  ffi::AnyBuffer final_norm, ffi::RemainingArgs caches,
                                  ffi::Result<ffi::AnyBuffer> logits, ffi::Result<ffi::AnyBuffer> workspace,
                                  ffi::RemainingRets caches_out, ffi::Span<const int64_t> windows, float eps,
-                                 float embed_scale, float attn_scale) {
+                                 float embed_scale, float attn_scale, float logit_cap) {
   if (caches_out.size() != 2 * L || windows.size() != L)
     return ffi::Error::InvalidArgument("decode_step: expected the keys and values of every layer");
   Params p;
@@ -38,7 +38,7 @@ static ffi::Error DecodeStepImpl(cudaStream_t stream, ffi::AnyBuffer tokens, ffi
   }
   p.ws = static_cast<float*>(workspace->untyped_data());
   p.logits = static_cast<float*>(logits->untyped_data());
-  p.eps = eps, p.embed_scale = embed_scale, p.attn_scale = attn_scale;
+  p.eps = eps, p.embed_scale = embed_scale, p.attn_scale = attn_scale, p.logit_cap = logit_cap;
 
   static const cudaError_t configured = cudaFuncSetAttribute(
       decode_step_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
@@ -72,7 +72,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmDecodeStep, DecodeStepImpl,
                                   .Attr<ffi::Span<const int64_t>>("windows")
                                   .Attr<float>("eps")
                                   .Attr<float>("embed_scale")
-                                  .Attr<float>("attn_scale"));
+                                  .Attr<float>("attn_scale")
+                                  .Attr<float>("logit_cap"));
 
 // The workspace's size, for the Python side to allocate it.
 extern "C" int jaxlm_workspace_floats() { return WS_FLOATS; }

@@ -480,7 +480,7 @@ __device__ void head_phase(const Params& p, float* sm, unsigned long long& barri
       [&](int m, int n, auto sum, float) {
         for (int e = threadIdx.x; e < 16 * COLS; e += THREADS) {
           const int r = e / COLS, c = e % COLS, b = 16 * m + r, tile = c / 8;
-          if (b < B) p.logits[(size_t)b * V + n * COLS + c] = sum(r, tile / G::NPW, tile % G::NPW, c % 8);
+          if (b < B) p.logits[(size_t)b * V + n * COLS + c] = capped(p, sum(r, tile / G::NPW, tile % G::NPW, c % 8));
         }
       });
 }
