@@ -4,7 +4,8 @@ Everywhere: the weights it reads reproduce the model's projections, it is not us
 cannot run, and a failed build is one clear line. With nvcc: both builds compile. On an NVIDIA
 GPU only (skipped elsewhere, with the reason): the CUDA-core build's logits and caches equal
 ToyLM.decode_step's in float32 past the sliding window, generate gives the same tokens through
-it, and the tensor-core build (bf16, many rows) gives each row what the CUDA-core build gives it.
+it, and the tensor-core build (bf16, one row to many) gives each row what the CUDA-core build
+gives it.
 """
 
 import stat
@@ -76,11 +77,15 @@ def test_too_many_rows_or_mixed_dtypes_are_refused(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "devices", lambda: [type("Gpu", (), {"platform": "gpu", "device_kind": "NVIDIA H200"})()])
     assert "16-bit" in toylm_decode.unsupported(model, toylm_decode.MAX_ROWS + 1)   # float32: CUDA cores only
+    assert toylm_decode.unsupported(model, toylm_decode.MAX_ROWS) is None
     assert "cache is bfloat16" in toylm_decode.unsupported(model, 1, jnp.bfloat16)
     half = tiny_model(dtype=jnp.bfloat16)
     assert "at most" in toylm_decode.unsupported(half, toylm_decode.MAX_MMA_ROWS + 1)
-    odd_head = tiny_model(dtype=jnp.bfloat16, dim=48, n_heads=4, head_dim=12)
+    odd_head = tiny_model(dtype=jnp.bfloat16, dim=48, n_heads=4, head_dim=12)   # no tensor-core tiles
     assert "head_dim 12" in toylm_decode.unsupported(odd_head, toylm_decode.MAX_ROWS + 1)
+    assert toylm_decode.unsupported(odd_head, toylm_decode.MAX_ROWS) is None      # the CUDA cores take it
+    monkeypatch.setattr(toylm_decode, "BUILD_OVERRIDE", "tensor_cores")
+    assert "16-bit" in toylm_decode.unsupported(model, 1)
 
 
 def _fake_nvcc(tmp_path, script: str) -> str:
@@ -94,7 +99,7 @@ def test_a_failed_build_is_one_clear_line_and_leaves_no_library(tmp_path, monkey
     monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("JAXLM_NVCC", _fake_nvcc(tmp_path, 'echo "decode.cu(12): error: something broke" >&2\nexit 2\n'))
     defines = (("DTYPE", 0), ("B", 1), ("D", 64), ("H", 4), ("K", 16), ("F", 128), ("V", 256), ("L", 4),
-               ("BLOCKS", 132), ("INTERLEAVED", 0), ("ARCH", "90"))
+               ("BLOCKS", 132), ("INTERLEAVED", 0), ("TENSOR_CORES", 0), ("ARCH", "90"))
     with pytest.raises(JaxlmError) as error:
         toylm_decode._compile(defines)
     message = str(error.value)
@@ -105,10 +110,12 @@ def test_a_failed_build_is_one_clear_line_and_leaves_no_library(tmp_path, monkey
 @pytest.mark.skipif(toylm_decode.find_nvcc() is None, reason="needs nvcc to build the kernel")
 def test_both_builds_compile_for_half_and_single_precision(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path))
-    # CUDA cores: float32 and bf16; tensor cores (above MAX_ROWS rows): bf16 and float16
-    for dtype_code, rows, interleaved in ((0, 2, 1), (1, 1, 0), (1, 20, 0), (2, 64, 1)):
+    # CUDA cores: float32 and bf16; tensor cores: bf16 and float16, one row to many
+    for dtype_code, rows, interleaved, tensor_cores in ((0, 2, 1, 0), (1, 1, 0, 0), (1, 1, 0, 1), (1, 20, 0, 1),
+                                                        (2, 64, 1, 1)):
         defines = (("DTYPE", dtype_code), ("B", rows), ("D", 64), ("H", 4), ("K", 16), ("F", 128), ("V", 256),
-                   ("L", 4), ("BLOCKS", 132), ("INTERLEAVED", interleaved), ("ARCH", "90"))
+                   ("L", 4), ("BLOCKS", 132), ("INTERLEAVED", interleaved), ("TENSOR_CORES", tensor_cores),
+                   ("ARCH", "90"))
         library = toylm_decode._compile(defines)
         assert library.exists() and library.stat().st_size > 0
         assert toylm_decode._compile(defines) == library   # cached: not rebuilt
@@ -159,34 +166,41 @@ def test_generate_gives_the_same_tokens_through_the_kernel(monkeypatch):
 @pytest.mark.parametrize("overrides, rows", [
     ({}, 20),
     (dict(rope_pairing="interleaved", embed_scale=True, window_includes_query=False, lm_head_logit_cap=0.0), 35),
+    ({}, 1),
 ])
-def test_tensor_core_build_gives_each_row_what_the_cuda_core_build_gives(overrides, rows):
-    """bf16 (the tensor cores take no float32): the many-row build against the few-row build on
-    3-row slices, the first m-tile and the padded last one. Both keep the residual in float32
-    and round where XLA's step does, so they differ only by summation order (a bf16 rounding
-    flip here and there); on an H200 at most 2.4e-3 of the largest logit, caches 2e-3."""
+def test_tensor_core_build_gives_each_row_what_the_cuda_core_build_gives(overrides, rows, monkeypatch):
+    """bf16 (the tensor cores take no float32): the tensor-core build on all rows against the
+    CUDA-core build on 2-row slices, of the first m-tile and of the padded last one (one row: an
+    m-tile of 15 padding rows). Both keep the residual in float32 and round where XLA's step
+    does, so they differ only by summation order (a bf16 rounding flip here and there); on an
+    H200 at most 2.4e-3 of the largest logit, caches 2e-3."""
     model = tiny_model(jnp.bfloat16, **overrides)
     prompt, steps = 6, 26   # the sliding rings (8 slots) wrap three times
     ids = jax.random.randint(jax.random.key(1), (rows, prompt + steps), 0, model.cfg.vocab_size)
     starts = jnp.asarray(np.random.default_rng(1).integers(0, 6, rows), jnp.int32)
     _, cache = jax.jit(model.prefill)(ids[:, :prompt], model.init_cache(rows, 32), starts)
-    assert toylm_decode.unsupported(model, rows) is None and rows > toylm_decode.MAX_ROWS
+    assert toylm_decode.unsupported(model, rows) is None and toylm_decode._uses_tensor_cores(model)
     weights = toylm_decode.prepare(model)
+    # The build is chosen when a step is traced: each jitted step keeps the one it was traced with.
     step = jax.jit(lambda w, i, c: toylm_decode.decode_step(model, w, i, c))
+    cuda_core_step = jax.jit(lambda w, i, c: toylm_decode.decode_step(model, w, i, c))
     xla_step = jax.jit(model.decode_step)
-    slices = [np.arange(3), np.arange(rows - 3, rows)]
+    slices = [np.arange(min(2, rows)), np.arange(max(rows - 2, 0), rows)]
     take = lambda c, r: kv_cache.KVCache(tuple(k[r] for k in c.keys), tuple(v[r] for v in c.values), c.length,
                                          c.starts_B[r])
     many_cache, xla_cache, few_caches = cache, cache, [take(cache, r) for r in slices]
     for t in range(steps):
         token = ids[:, prompt + t]
         many_logits, many_cache = step(weights, token, many_cache)
+        monkeypatch.setattr(toylm_decode, "BUILD_OVERRIDE", "cuda_cores")
+        few = [cuda_core_step(weights, token[r], few_caches[k]) for k, r in enumerate(slices)]
+        monkeypatch.setattr(toylm_decode, "BUILD_OVERRIDE", None)
         xla_logits, xla_cache = xla_step(token, xla_cache)
         scale = float(jnp.max(jnp.abs(xla_logits)))
         # against XLA's bf16 step, which rounds the residual per op: within bf16 rounding
         assert float(jnp.linalg.norm(many_logits - xla_logits) / jnp.linalg.norm(xla_logits)) < 1e-2
         for k, r in enumerate(slices):
-            few_logits, few_caches[k] = step(weights, token[r], few_caches[k])
+            few_logits, few_caches[k] = few[k]
             np.testing.assert_allclose(many_logits[r], few_logits, atol=1e-2 * scale, rtol=0)
     for k, r in enumerate(slices):
         for many, few in zip(many_cache.keys + many_cache.values, few_caches[k].keys + few_caches[k].values):

@@ -4,16 +4,17 @@ Why: on a GPU, XLA runs ``ToyLM.decode_step`` as a chain of ~150 small dependent
 chain, not the weights (read in ~25 us on an H200), bounds decoding at small batches
 (docs/PERFORMANCE.md, "Generation"). This kernel computes the same step in one launch. It uses
 the same cache layout and gives the same logits up to rounding, so ``generate`` can use it for
-one chunk and XLA for the next. It comes in two builds, by rows:
-- up to ``MAX_ROWS``: ``toylm_decode.cu``, products on the CUDA cores (a warp per output);
-- from there to ``MAX_MMA_ROWS``: ``toylm_decode_mma.cu``, products on the tensor cores
-  (``mma.sync`` on tiles of 16 rows), bfloat16 or float16 only.
+one chunk and XLA for the next. It comes in two builds:
+- ``toylm_decode_mma.cu``, products on the tensor cores (``mma.sync`` on tiles of 16 rows), for
+  bfloat16 and float16 models whose shapes fit its tiles, up to ``MAX_MMA_ROWS`` rows;
+- ``toylm_decode.cu``, products on the CUDA cores (a warp per output), for the others (float32)
+  up to ``MAX_ROWS`` rows.
 
 It runs where all of this holds:
 - a CUDA GPU;
 - ``nvcc`` to build it. It is built once per model shape and batch into ``~/.cache/jaxlm/kernels``
   (``JAXLM_CACHE_DIR`` moves it), which took 5-17 s on the H200 machine;
-- at most ``MAX_MMA_ROWS`` rows, and above ``MAX_ROWS`` a 16-bit dtype;
+- at most ``MAX_MMA_ROWS`` rows through the tensor cores, ``MAX_ROWS`` through the CUDA cores;
 - weights and cache in one dtype: bfloat16, float16 or float32.
 Everywhere else ``generate`` uses ``ToyLM.decode_step``; ``unsupported`` says why.
 """
@@ -42,16 +43,19 @@ from jaxlm.models.toylm import ToyLM
 _HERE = pathlib.Path(__file__).parent
 CUDA_CORE_SOURCE, TENSOR_CORE_SOURCE = _HERE / "toylm_decode.cu", _HERE / "toylm_decode_mma.cu"
 _HEADERS = (_HERE / "toylm_decode_common.cuh", _HERE / "toylm_decode_ffi.cuh")
-# Rows per build, from the H200 (crowfeather, bf16, ms a step): the CUDA-core build is fastest at 1-2
-# rows (0.229 / 0.236 against 0.244 / 0.246 through the tensor cores), the tensor-core build from 3
-# (0.245 against 0.290) up to 64 (0.370 against XLA's 0.439); at 128 XLA's step is faster (0.538
-# against 0.566).
+# Rows per build, from the H200 (crowfeather, bf16, ms a step): the tensor-core build is the faster
+# from one row (0.218 / 0.217 at 1 / 2 rows, against 0.226 / 0.234 on the CUDA cores) up to 64
+# (0.338 against XLA's 0.439). At 128 rows it led XLA by 2% (0.528 against 0.538), at 256 XLA
+# leads (0.730 against 0.894): XLA above 64. The CUDA-core build (float32) is slower than XLA's
+# step from 3 rows.
 MAX_ROWS = 2
 MAX_MMA_ROWS = 64
-DOWN_SPLIT_MAX = 8    # the kernel splits a down-projection row over up to 8 warps
+DOWN_SPLIT_MAX = 8    # the CUDA-core build splits a down-projection row over up to 8 warps
 _DTYPE_CODES = {jnp.dtype(jnp.float32): 0, jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}
 # "xla" or "cuda" forces an implementation (benchmarks and tests compare them); None chooses.
 IMPLEMENTATION_OVERRIDE: str | None = None
+# "cuda_cores" or "tensor_cores" forces a build of the kernel (likewise); None chooses.
+BUILD_OVERRIDE: str | None = None
 
 
 class DecodeWeights(NamedTuple):
@@ -91,19 +95,38 @@ def unsupported(model, rows: int, cache_dtype=None) -> str | None:
         return f"the cache is {jnp.dtype(cache_dtype).name}, the weights {dtype.name}"
     if rows > MAX_MMA_ROWS:
         return f"{rows} rows (the kernel takes at most {MAX_MMA_ROWS})"
-    vec = 16 // dtype.itemsize   # elements in one 16-byte load
-    cfg = model.cfg
-    if rows <= MAX_ROWS and (cfg.dim % vec or cfg.mlp_hidden % (vec * DOWN_SPLIT_MAX)):
-        return f"dim {cfg.dim} / mlp_hidden {cfg.mlp_hidden} not multiples of {vec} / {vec * DOWN_SPLIT_MAX}"
-    if rows > MAX_ROWS:   # the tensor-core build's tiles: inputs in 32s, a head at most 8 n-tiles of 8
-        if dtype.itemsize != 2:
-            return f"{rows} rows in {dtype.name} (above {MAX_ROWS} rows the kernel takes 16-bit dtypes)"
-        if cfg.dim % 32 or cfg.mlp_hidden % 64 or cfg.vocab_size % 128 or cfg.head_dim % 8 or cfg.head_dim > 64:
-            return (f"dim {cfg.dim} / mlp_hidden {cfg.mlp_hidden} / vocab {cfg.vocab_size} not multiples of "
-                    f"32 / 64 / 128, or head_dim {cfg.head_dim} not a multiple of 8 up to 64")
+    cfg, misfit = model.cfg, _tensor_core_misfit(model)
+    if _uses_tensor_cores(model):
+        if misfit:
+            return misfit
+    else:
+        if rows > MAX_ROWS:
+            return f"{rows} rows through the CUDA cores (at most {MAX_ROWS})" + (f": {misfit}" if misfit else "")
+        vec = 16 // dtype.itemsize   # elements in one 16-byte load
+        if cfg.dim % vec or cfg.mlp_hidden % (vec * DOWN_SPLIT_MAX):
+            return f"dim {cfg.dim} / mlp_hidden {cfg.mlp_hidden} not multiples of {vec} / {vec * DOWN_SPLIT_MAX}"
     if find_nvcc() is None:
         return "nvcc not found (set JAXLM_NVCC or CUDA_HOME)"
     return None
+
+
+def _tensor_core_misfit(model) -> str | None:
+    """Why the tensor-core build cannot take this model, or None when it can. Its tiles: inputs
+    in 32s, outputs in 8s, a head at most 8 n-tiles of 8."""
+    cfg, dtype = model.cfg, jnp.dtype(model.dtype)
+    if dtype.itemsize != 2:
+        return f"{dtype.name} (the tensor-core build takes 16-bit dtypes)"
+    if cfg.dim % 32 or cfg.mlp_hidden % 64 or cfg.vocab_size % 128 or cfg.head_dim % 8 or cfg.head_dim > 64:
+        return (f"dim {cfg.dim} / mlp_hidden {cfg.mlp_hidden} / vocab {cfg.vocab_size} not multiples of "
+                f"32 / 64 / 128, or head_dim {cfg.head_dim} not a multiple of 8 up to 64")
+    return None
+
+
+def _uses_tensor_cores(model) -> bool:
+    """Which build runs the step: the tensor-core one wherever it fits (``BUILD_OVERRIDE`` wins)."""
+    if BUILD_OVERRIDE:
+        return BUILD_OVERRIDE == "tensor_cores"
+    return _tensor_core_misfit(model) is None
 
 
 def implementation(model, rows: int, cache_dtype=None) -> str:
@@ -158,14 +181,14 @@ def _defines(model, rows: int) -> tuple:
     return (("DTYPE", _DTYPE_CODES[jnp.dtype(model.dtype)]), ("B", rows), ("D", cfg.dim), ("H", cfg.n_heads),
             ("K", cfg.head_dim), ("F", cfg.mlp_hidden), ("V", cfg.vocab_size), ("L", cfg.n_layers),
             ("BLOCKS", device.core_count), ("INTERLEAVED", int(cfg.rope_pairing == "interleaved")),
-            ("ARCH", str(device.compute_capability).replace(".", "")))
+            ("TENSOR_CORES", int(_uses_tensor_cores(model))), ("ARCH", str(device.compute_capability).replace(".", "")))
 
 
 def _compile(defines: tuple) -> pathlib.Path:
     """The kernel's library for one shape, built with nvcc unless the cache already holds it."""
     settings = dict(defines)
     arch = settings.pop("ARCH")
-    source = CUDA_CORE_SOURCE if settings["B"] <= MAX_ROWS else TENSOR_CORE_SOURCE
+    source = TENSOR_CORE_SOURCE if settings.pop("TENSOR_CORES") else CUDA_CORE_SOURCE
     flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-Wno-return-type",
              "-diag-suppress", "940,2473", f"-gencode=arch=compute_{arch},code=sm_{arch}",
              "-I", jax.ffi.include_dir(), *(f"-DJAXLM_{k}={v}" for k, v in settings.items())]
