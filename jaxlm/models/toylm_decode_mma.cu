@@ -1,10 +1,12 @@
 // One ToyLM decode step for many rows as a single persistent CUDA kernel, its products on the
 // tensor cores.
 //
-// Why: toylm_decode.cu multiplies every row on the CUDA cores, which pays up to 2 rows. From
-// there the products need the tensor cores, and at batch 64 XLA's step (~150 kernels, 0.44 ms
-// on an H200) is again a chain of launches. This kernel runs the same five phases a layer, with
-// the same numerics and grid barrier (toylm_decode_common.cuh). It differs in how it computes:
+// Why: toylm_decode.cu multiplies every row on the CUDA cores, which pays for a row or two only.
+// More rows need the tensor cores, and at batch 64 XLA's step (~150 kernels, 0.44 ms on an H200)
+// is again a chain of launches. On an H200 this build is also the faster at one row. It runs
+// the same five phases a layer as toylm_decode.cu, with the same numerics and grid barrier
+// (toylm_decode_common.cuh), whose two halves it splits to load weights and old cache slots in
+// between (see gemm_phase, attention_phase). It differs in how it computes:
 //   - products: mma.sync m16n8k16. A block takes a task, 16 rows (an m-tile) by a group of
 //     outputs. Each warp takes one or two n-tiles of 8 outputs over a share of the inputs (a
 //     k-split). The block adds the k-splits in a fixed order: deterministic, no atomics.
