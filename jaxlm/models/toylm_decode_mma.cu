@@ -410,9 +410,8 @@ __device__ void attention_phase(const Params& p, int l, int time, float* sm, uns
   if (waiting) barrier_wait(barrier);   // a block without pairs
 }
 
-// O and down end alike: a task's 16 outputs are added to the residual stream, thread r * 16 + c
-// owning output c of row 16m + r. ResidualBefore loads the value it is added to (early, see
-// gemm_phase): the embedding before layer 0's O projection, else the residual stream.
+// The value a task's output is added to, loaded early (see gemm_phase): thread r * 16 + c owns
+// output c of row 16m + r; before layer 0's O projection the embedding, else the residual stream.
 struct ResidualBefore {
   const Params& p;
   bool embedding;
@@ -430,14 +429,20 @@ struct AddToResidual {
   }
 };
 
+// O and down alike: the product of an activation in the workspace ([B, KD] in T), its D
+// outputs added to the residual stream (onto the embedding before layer 0's O projection).
+template <class G>
+__device__ __forceinline__ void residual_projection(const Params& p, const T* w, const float* activation, bool onto_embedding,
+                                                    float* sm, unsigned long long& barrier) {
+  gemm_phase<G>(
+      D / (8 * G::NT), sm, &barrier, [&](int n, int nt, int) { return w + (size_t)(n * G::NT + nt) * 8 * G::KD; },
+      [&](int m, T* a) { stage_rows<G::KD, G::STRIDE>(reinterpret_cast<const T*>(activation), m, a); },
+      ResidualBefore{p, onto_embedding}, AddToResidual{p});
+}
+
 // 3. O projection of the attention output, added to the residual stream.
 __device__ void o_phase(const Params& p, int l, float* sm, unsigned long long& barrier) {
-  using G = OGemm;
-  const T* w = p.wo + (size_t)l * D * D;
-  gemm_phase<G>(
-      D / (8 * G::NT), sm, &barrier, [&](int n, int nt, int) { return w + (size_t)(n * G::NT + nt) * 8 * D; },
-      [&](int m, T* a) { stage_rows<D, G::STRIDE>(reinterpret_cast<const T*>(p.ws + WS_ATT), m, a); },
-      ResidualBefore{p, l == 0}, AddToResidual{p});
+  residual_projection<OGemm>(p, p.wo + (size_t)l * D * D, p.ws + WS_ATT, l == 0, sm, barrier);
 }
 
 // 4. RMSNorm, then gate and up of 8 * NT hidden units; SiLU(gate) * up to the workspace.
@@ -463,12 +468,7 @@ __device__ void gate_up_phase(const Params& p, int l, float* sm, unsigned long l
 
 // 5. Down projection of the MLP product, added to the residual stream.
 __device__ void down_phase(const Params& p, int l, float* sm, unsigned long long& barrier) {
-  using G = DownGemm;
-  const T* w = p.wdown + (size_t)l * D * F;
-  gemm_phase<G>(
-      D / (8 * G::NT), sm, &barrier, [&](int n, int nt, int) { return w + (size_t)(n * G::NT + nt) * 8 * F; },
-      [&](int m, T* a) { stage_rows<F, G::STRIDE>(reinterpret_cast<const T*>(p.ws + WS_HID), m, a); },
-      ResidualBefore{p, false}, AddToResidual{p});
+  residual_projection<DownGemm>(p, p.wdown + (size_t)l * D * F, p.ws + WS_HID, false, sm, barrier);
 }
 
 // 6. Final RMSNorm and the tied head: float32 logits.
