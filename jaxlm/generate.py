@@ -47,6 +47,9 @@ DEFAULT_CHUNK = 16
 # fori_loop unroll factor of the decode loop: 4 was no faster on an H200 (docs/PERFORMANCE.md,
 # "Generation"), and a rolled loop compiles faster.
 DECODE_UNROLL = 1
+# Plain greedy chunks through the CUDA step run as one launch that feeds each step's arg-max to
+# the next (toylm_decode.greedy_steps); False: a launch a step, the arg-max in XLA (tests compare).
+GREEDY_CHUNK_IN_KERNEL = True
 
 
 class DecodeState(NamedTuple):
@@ -78,6 +81,11 @@ def inference_params(model):
     dtype = getattr(model, "dtype", jnp.float32)
     cast = lambda leaf: leaf.astype(dtype) if leaf.ndim >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
     return graphdef, jax.tree.map(cast, params)
+
+
+def _plain_greedy(sampling: SamplingConfig) -> bool:
+    """Whether each token is the arg-max of the logits alone (no repetition penalty)."""
+    return sampling.is_greedy and sampling.repetition_penalty == 1.0
 
 
 def min_decode_rows(model) -> int:
@@ -135,10 +143,16 @@ def _decode_chunk(graphdef, params, state: DecodeState, cuda_weights, *, steps, 
                   unroll=DECODE_UNROLL):
     """``steps`` decode steps in one executable: feed the pending token, sample the next, through
     the CUDA step when ``cuda_weights`` (``decode_weights``) are given, else ``ToyLM.decode_step``.
+    Plain greedy decoding through the CUDA step runs the whole chunk as one launch of it.
 
     Returns the new state and the ``[B, steps]`` tokens sampled.
     """
     model = nnx.merge(graphdef, params)
+    if cuda_weights is not None and GREEDY_CHUNK_IN_KERNEL and _plain_greedy(sampling):
+        tokens_BN, cache = toylm_decode.greedy_steps(model, cuda_weights, state.token_B, state.done_B, state.cache,
+                                                     steps=steps, eos_id=eos_id)
+        done_B = state.done_B | jnp.any(tokens_BN == eos_id, axis=1)
+        return state._replace(cache=cache, token_B=tokens_BN[:, -1], done_B=done_B), tokens_BN
     decode_step = model.decode_step
     if cuda_weights is not None:
         decode_step = functools.partial(toylm_decode.decode_step, model, cuda_weights)

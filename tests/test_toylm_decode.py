@@ -4,8 +4,8 @@ Everywhere: the weights it reads reproduce the model's projections, it is not us
 cannot run, and a failed build is one clear line. With nvcc: both builds compile. On an NVIDIA
 GPU only (skipped elsewhere, with the reason): the CUDA-core build's logits and caches equal
 ToyLM.decode_step's in float32 past the sliding window, generate gives the same tokens through
-it, and the tensor-core build (bf16, one row to many) gives each row what the CUDA-core build
-gives it.
+it, the tensor-core build (bf16, one row to many) gives each row what the CUDA-core build gives
+it, and greedy steps in one launch give what a launch a step gives.
 """
 
 import stat
@@ -150,16 +150,27 @@ def test_cuda_step_equals_the_xla_step_past_the_window(overrides, rows):
 
 @needs_gpu
 def test_generate_gives_the_same_tokens_through_the_kernel(monkeypatch):
+    """Greedy, float32, in chunks of 7: XLA's step, the kernel a launch a step, and the kernel a
+    launch a chunk (its own arg-max) give the same tokens, also cut at an EOS met mid-way."""
     model = tiny_model()
     prompts = [[5, 17, 99, 3], [42, 7]]
-    with jax.default_matmul_precision("highest"):
-        through_kernel = G.generate_tokens(model, prompts, max_new_tokens=30, sampling=G.SamplingConfig(greedy=True))
-        monkeypatch.setattr(toylm_decode, "IMPLEMENTATION_OVERRIDE", "xla")
+    greedy = G.SamplingConfig(greedy=True)
+
+    def tokens(implementation, chunk_in_kernel=True, eos_id=None):
+        monkeypatch.setattr(toylm_decode, "IMPLEMENTATION_OVERRIDE", implementation)
+        monkeypatch.setattr(G, "GREEDY_CHUNK_IN_KERNEL", chunk_in_kernel)
         jax.clear_caches()
-        through_xla = G.generate_tokens(model, prompts, max_new_tokens=30, sampling=G.SamplingConfig(greedy=True))
+        return G.generate_tokens(model, prompts, max_new_tokens=30, sampling=greedy, eos_id=eos_id, chunk_size=7)
+
+    with jax.default_matmul_precision("highest"):
+        through_xla = tokens("xla")
+        eos = through_xla[0][9]
+        through_xla_eos = tokens("xla", eos_id=eos)
+        assert tokens("cuda") == tokens("cuda", chunk_in_kernel=False) == through_xla
+        assert tokens("cuda", eos_id=eos) == tokens("cuda", chunk_in_kernel=False, eos_id=eos) == through_xla_eos
     jax.clear_caches()
     assert toylm_decode.unsupported(model, 2) is None
-    assert through_kernel == through_xla
+    assert len(through_xla_eos[0]) <= 9
 
 
 @needs_gpu
@@ -206,3 +217,40 @@ def test_tensor_core_build_gives_each_row_what_the_cuda_core_build_gives(overrid
         for many, few in zip(many_cache.keys + many_cache.values, few_caches[k].keys + few_caches[k].values):
             many, few = np.asarray(many[r], np.float32), np.asarray(few, np.float32)
             np.testing.assert_allclose(many, few, atol=1e-2 * np.abs(few).max(), rtol=0)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype, rows", [(jnp.float32, 2), (jnp.bfloat16, 20), (jnp.bfloat16, 1)])
+def test_greedy_steps_in_one_launch_equal_a_launch_a_step(dtype, rows):
+    """greedy_steps feeds each step's arg-max to the next inside the kernel. Against the same
+    build a launch a step with jnp.argmax of its logits: the same tokens and bit-identical caches
+    (the arithmetic is the same), over two launches; rows that produce EOS repeat it."""
+    model = tiny_model(dtype)
+    prompt, steps = 6, 26   # the sliding rings (8 slots) wrap three times
+    ids = jax.random.randint(jax.random.key(2), (rows, prompt), 0, model.cfg.vocab_size)
+    starts = jnp.asarray(np.random.default_rng(2).integers(0, 4, rows), jnp.int32)
+    _, cache = jax.jit(model.prefill)(ids, model.init_cache(rows, 32), starts)
+    weights = toylm_decode.prepare(model)
+    step = jax.jit(lambda w, i, c: toylm_decode.decode_step(model, w, i, c))
+    many = jax.jit(lambda w, i, d, c, n, eos: toylm_decode.greedy_steps(model, w, i, d, c, steps=n, eos_id=eos),
+                   static_argnums=(4, 5))
+
+    def a_launch_a_step(eos):
+        tokens, done, c, token = [], np.zeros(rows, bool), cache, ids[:, -1]
+        for _ in range(steps):
+            logits, c = step(weights, token, c)
+            token = jnp.where(done, eos, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+            done = done | np.asarray(token == eos)
+            tokens.append(np.asarray(token))
+        return np.stack(tokens, axis=1), c
+
+    eos = int(a_launch_a_step(-1)[0][0, 5])   # a token row 0 produces: it and maybe others stop
+    expected, expected_cache = a_launch_a_step(eos)
+    first, c = many(weights, ids[:, -1], jnp.zeros(rows, bool), cache, 10, eos)
+    done = jnp.any(first == eos, axis=1)
+    rest, c = many(weights, first[:, -1], done, c, steps - 10, eos)
+    np.testing.assert_array_equal(np.concatenate([first, rest], axis=1), expected)
+    assert (expected[0, 5:] == eos).all()
+    assert int(c.length) == int(cache.length) + steps
+    for got, want in zip(c.keys + c.values, expected_cache.keys + expected_cache.values):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

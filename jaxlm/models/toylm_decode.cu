@@ -27,9 +27,9 @@ static_assert(D % VEC == 0 && F % (VEC * DOWN_PARTS) == 0, "rows must split into
 static_assert(B <= 32, "a lane per row in the stores");
 
 // Workspace (float32 words): residual x [B, D], rotated queries [B, D], attention partials
-// [TASKS, PART], the MLP product [B, F] in T.
+// [TASKS, PART], the MLP product [B, F] in T, the greedy bests [3, B] in 64 bits.
 constexpr int WS_X = 0, WS_Q = WS_X + B * D, WS_PART = WS_Q + B * D, WS_HID = (WS_PART + TASKS * PART + 3) / 4 * 4;
-constexpr int WS_FLOATS = WS_HID + (B * F * (int)sizeof(T) + 3) / 4;
+constexpr int WS_BEST = (WS_HID + (B * F * (int)sizeof(T) + 3) / 4 + 1) / 2 * 2, WS_FLOATS = WS_BEST + 3 * B * 2;
 
 // Shared memory (float words): the activations a phase multiplies (B rows of D floats, or of
 // F elements of T), per-row norms, warp partials of attention, the down projection's parts.
@@ -328,12 +328,17 @@ __device__ void down_phase(const Params& p, float* sm, const DownTiles& tiles) {
   });
 }
 
-// 6. Final RMSNorm and the tied head: float32 logits.
+// 6. Final RMSNorm and the tied head: float32 logits, or (greedy) each row's arg-max candidate.
 __device__ void head_phase(const Params& p, float* sm, const HeadTiles& tiles) {
   load_normed(p, false, p.final_norm, sm);
   tiles.multiply<D>(sm + SM_ACT, [&](int v, float (&s)[1][B]) {
     const int b = threadIdx.x % 32;
-    if (b < B) p.logits[(size_t)b * V + v] = capped(p, s[0][b]);
+    if (b >= B) return;
+    if (p.logits) {
+      p.logits[(size_t)b * V + v] = capped(p, s[0][b]);
+    } else {
+      offer_best(b, argmax_key(capped(p, s[0][b]), v));
+    }
   });
 }
 
@@ -343,34 +348,42 @@ __device__ void head_phase(const Params& p, float* sm, const HeadTiles& tiles) {
 __global__ void __launch_bounds__(THREADS, 1) decode_step_kernel(const Params p) {
   extern __shared__ __align__(16) float sm[];
   unsigned long long barrier = barrier_start();
-  const int time = *p.time;
+  begin_steps(p);
   QkvTiles qkv;
   OTiles o;
   GateUpTiles gate_up;
   DownTiles down;
   HeadTiles head;
-  load_qkv(qkv, p, 0);
-  for (int l = 0; l < L; ++l) {
-    load_o(o, p, l);
-    qkv_phase(p, l, time, sm, qkv);
-    grid_barrier(barrier);
-    load_gate_up(gate_up, p, l);
-    attention_phase(p, l, time, sm);
-    grid_barrier(barrier);
-    load_down(down, p, l);
-    o_phase(p, l, sm, o);
-    grid_barrier(barrier);
-    if (l + 1 < L) {
-      load_qkv(qkv, p, l + 1);
-    } else {
-      load_head(head, p);
+  for (int step = 0; step < p.steps; ++step) {
+    const int time = *p.time + step;
+    load_qkv(qkv, p, 0);
+    for (int l = 0; l < L; ++l) {
+      load_o(o, p, l);
+      qkv_phase(p, l, time, sm, qkv);
+      grid_barrier(barrier);
+      load_gate_up(gate_up, p, l);
+      attention_phase(p, l, time, sm);
+      grid_barrier(barrier);
+      load_down(down, p, l);
+      o_phase(p, l, sm, o);
+      grid_barrier(barrier);
+      if (l + 1 < L) {
+        load_qkv(qkv, p, l + 1);
+      } else {
+        load_head(head, p);
+      }
+      gate_up_phase(p, l, sm, gate_up);
+      grid_barrier(barrier);
+      down_phase(p, sm, down);
+      grid_barrier(barrier);
     }
-    gate_up_phase(p, l, sm, gate_up);
-    grid_barrier(barrier);
-    down_phase(p, sm, down);
-    grid_barrier(barrier);
+    head_phase(p, sm, head);
+    if (!p.logits) {
+      publish_best(p, step);
+      grid_barrier(barrier);
+      take_tokens(p, step);
+    }
   }
-  head_phase(p, sm, head);
 }
 
 #include "toylm_decode_ffi.cuh"

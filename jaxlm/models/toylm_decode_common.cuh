@@ -42,7 +42,8 @@ constexpr int KL = (K + 31) / 32;                    // head dims per lane
 static_assert(D == H * K && K % 2 == 0, "ToyLM shapes");
 
 struct Params {
-  const int32_t* tokens;     // [B]  the token fed at this step
+  int steps;                 // decode steps this launch runs (more than one: greedy only)
+  const int32_t* tokens;     // [B]  the token fed at the first step
   const int32_t* time;       // []   its time (cache.length)
   const int32_t* starts;     // [B]  each row's first real time
   const float* inv_freq;     // [K/2] RoPE frequencies, as layers.rope computes them
@@ -59,7 +60,11 @@ struct Params {
   int cache_size[L];
   int window[L];             // keys visible within this many times; 0: global layer
   float* ws;                 // workspace
-  float* logits;             // [B, V]
+  float* logits;             // [B, V]; nullptr: greedy, each step's arg-max goes to greedy_tokens
+  int32_t* greedy_tokens;    // [B, steps] greedy: the token chosen at each step
+  const bool* done;          // [B] greedy: rows that have produced EOS, which keep producing it
+  int eos;                   // greedy: the EOS id (-1: none)
+  unsigned long long* best;  // greedy: [3, B] each row's best argmax_key of a step (workspace)
   float eps, embed_scale, attn_scale;
   float logit_cap;           // the head's soft-cap; 0: none
 };
@@ -82,6 +87,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+__device__ __forceinline__ unsigned long long warp_max(unsigned long long v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 __device__ __forceinline__ void unpack(const uint4& raw, float (&out)[VEC]) {
   const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
@@ -89,9 +100,68 @@ __device__ __forceinline__ void unpack(const uint4& raw, float (&out)[VEC]) {
 }
 
 
+// ------------------------------------------------------------------------------- tokens
+
+// The token each row feeds the current step, and (greedy) which rows have produced EOS. Every
+// block keeps its own copy: after a step's head and a grid barrier, each block derives the next
+// tokens from the same keys by the same rule, so no block waits for another to write them.
+__shared__ int step_tokens[B];
+__shared__ bool row_done[B];
+// Greedy: the block's best argmax_key per row so far in this step's head.
+__shared__ unsigned long long block_best[B];
+
 // The residual stream before layer 0: the token's embedding (upcast, scaled).
 __device__ __forceinline__ float embedded(const Params& p, int b, int i) {
-  return to_f(p.embed[(size_t)p.tokens[b] * D + i]) * p.embed_scale;
+  return to_f(p.embed[(size_t)step_tokens[b] * D + i]) * p.embed_scale;
+}
+
+// (logit, id) as one integer ordered like jnp.argmax's choice: the larger logit, and among
+// equal logits the smaller id, gives the larger key, so that atomicMax reduces the arg-max.
+__device__ __forceinline__ unsigned long long argmax_key(float logit, int id) {
+  const uint32_t bits = __float_as_uint(logit), ordered = bits & 0x80000000u ? ~bits : bits | 0x80000000u;
+  return (unsigned long long)ordered << 32 | (0xffffffffu - (uint32_t)id);
+}
+__device__ __forceinline__ int argmax_id(unsigned long long key) { return (int)(0xffffffffu - (uint32_t)key); }
+
+// Greedy: a candidate for row b's arg-max, into the block's best.
+__device__ __forceinline__ void offer_best(int b, unsigned long long key) { atomicMax(&block_best[b], key); }
+
+// Before the first step: the input tokens; every row's best cleared for step 0 (the workspace
+// is not zeroed between launches).
+__device__ void begin_steps(const Params& p) {
+  for (int b = threadIdx.x; b < B; b += THREADS) {
+    step_tokens[b] = p.tokens[b];
+    row_done[b] = p.logits ? false : p.done[b];
+    block_best[b] = 0;
+    if (blockIdx.x == 0 && !p.logits) p.best[b] = 0;
+  }
+  __syncthreads();
+}
+
+// Greedy, after the head of `step`: the block's best to the grid's.
+__device__ void publish_best(const Params& p, int step) {
+  __syncthreads();
+  for (int b = threadIdx.x; b < B; b += THREADS) {
+    if (block_best[b]) atomicMax(&p.best[step % 3 * B + b], block_best[b]);
+    block_best[b] = 0;
+  }
+}
+
+// Greedy, after the grid barrier that follows publish_best: the step's tokens (EOS in rows
+// already done), fed to the next step and written out by block 0, which also clears the bests
+// of step + 1. Three sets of bests rotate: the set a block reads here is cleared only after the
+// next step's first barrier, by which every block has read it.
+__device__ void take_tokens(const Params& p, int step) {
+  for (int b = threadIdx.x; b < B; b += THREADS) {
+    const int token = row_done[b] ? p.eos : argmax_id(p.best[step % 3 * B + b]);
+    row_done[b] = row_done[b] || token == p.eos;
+    step_tokens[b] = token;
+    if (blockIdx.x == 0) {
+      p.greedy_tokens[b * p.steps + step] = token;
+      p.best[(step + 1) % 3 * B + b] = 0;
+    }
+  }
+  __syncthreads();
 }
 
 
@@ -120,12 +190,12 @@ struct Pair {
 // ------------------------------------------------------------------------------- grid barrier
 
 // The grid-wide barrier: each block adds one to a counter that is never reset and waits until
-// all NB blocks have. A launch passes BARRIERS of them, so every launch starts the counter at a
-// multiple of NB * BARRIERS (a block reads it before its first arrival, when no block can have
-// passed a barrier yet). Release/acquire at GPU scope publish each block's writes. On an H200
-// the step took 227 us with it, 236 with cooperative_groups' grid.sync(). The launch is still
-// cooperative: that guarantees every block is resident, without which a barrier never opens.
-constexpr unsigned long long BARRIERS = 5 * L;
+// all NB blocks have. Every barrier adds NB, so every launch starts the counter at a multiple of
+// NB; a block reads it before its own first arrival, when fewer than NB arrivals of this launch
+// can have happened (no barrier can open without it). Release/acquire at GPU scope publish each
+// block's writes. On an H200 the step took 227 us with it, 236 with cooperative_groups'
+// grid.sync(). The launch is still cooperative: that guarantees every block is resident,
+// without which a barrier never opens.
 __device__ unsigned long long barrier_arrivals;
 
 __device__ __forceinline__ unsigned long long barrier_start() {
@@ -133,7 +203,7 @@ __device__ __forceinline__ unsigned long long barrier_start() {
   if (threadIdx.x == 0) {
     unsigned long long now;
     asm volatile("ld.relaxed.gpu.u64 %0, [%1];" : "=l"(now) : "l"(&barrier_arrivals));
-    start = now - now % (NB * BARRIERS);
+    start = now - now % NB;
   }
   __syncthreads();
   return start;

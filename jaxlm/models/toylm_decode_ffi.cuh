@@ -1,19 +1,32 @@
 // The XLA FFI handler of the decode step: included last by each kernel's .cu, after its
-// decode_step_kernel, SMEM_BYTES and WS_FLOATS.
+// decode_step_kernel, SMEM_BYTES, WS_FLOATS and WS_BEST.
+//
+// Its first result chooses what a launch does: float32 [B, V] logits, one step; or int32
+// [B, N] tokens, N greedy steps, each fed the previous one's arg-max.
 
 #pragma once
 
-static ffi::Error DecodeStepImpl(cudaStream_t stream, ffi::AnyBuffer tokens, ffi::AnyBuffer time,
-                                 ffi::AnyBuffer starts, ffi::AnyBuffer inv_freq, ffi::AnyBuffer embed,
+static ffi::Error DecodeStepImpl(cudaStream_t stream, ffi::AnyBuffer tokens, ffi::AnyBuffer done,
+                                 ffi::AnyBuffer time, ffi::AnyBuffer starts, ffi::AnyBuffer inv_freq, ffi::AnyBuffer embed,
                                  ffi::AnyBuffer attn_norm, ffi::AnyBuffer wqkv, ffi::AnyBuffer wo,
                                  ffi::AnyBuffer mlp_norm, ffi::AnyBuffer wgu, ffi::AnyBuffer wdown,
                                  ffi::AnyBuffer final_norm, ffi::RemainingArgs caches,
-                                 ffi::Result<ffi::AnyBuffer> logits, ffi::Result<ffi::AnyBuffer> workspace,
+                                 ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
                                  ffi::RemainingRets caches_out, ffi::Span<const int64_t> windows, float eps,
-                                 float embed_scale, float attn_scale, float logit_cap) {
+                                 float embed_scale, float attn_scale, float logit_cap, int32_t eos) {
   if (caches_out.size() != 2 * L || windows.size() != L)
     return ffi::Error::InvalidArgument("decode_step: expected the keys and values of every layer");
+  const auto out_dims = out->dimensions();
+  const bool greedy = out->element_type() == ffi::DataType::S32;
+  if (out_dims.size() != 2 || out_dims[0] != B || (greedy ? out_dims[1] < 1 : out_dims[1] != V ||
+                                                   out->element_type() != ffi::DataType::F32))
+    return ffi::Error::InvalidArgument("decode_step: the result must be float32 [B, V] logits or int32 [B, steps]");
   Params p;
+  p.steps = greedy ? static_cast<int>(out_dims[1]) : 1;
+  p.logits = greedy ? nullptr : static_cast<float*>(out->untyped_data());
+  p.greedy_tokens = greedy ? static_cast<int32_t*>(out->untyped_data()) : nullptr;
+  p.done = static_cast<const bool*>(done.untyped_data());
+  p.eos = eos;
   p.tokens = static_cast<const int32_t*>(tokens.untyped_data());
   p.time = static_cast<const int32_t*>(time.untyped_data());
   p.starts = static_cast<const int32_t*>(starts.untyped_data());
@@ -37,7 +50,7 @@ static ffi::Error DecodeStepImpl(cudaStream_t stream, ffi::AnyBuffer tokens, ffi
     p.window[l] = static_cast<int>(windows[l]);
   }
   p.ws = static_cast<float*>(workspace->untyped_data());
-  p.logits = static_cast<float*>(logits->untyped_data());
+  p.best = reinterpret_cast<unsigned long long*>(p.ws + WS_BEST);
   p.eps = eps, p.embed_scale = embed_scale, p.attn_scale = attn_scale, p.logit_cap = logit_cap;
 
   static const cudaError_t configured = cudaFuncSetAttribute(
@@ -54,6 +67,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmDecodeStep, DecodeStepImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()   // tokens
+                                  .Arg<ffi::AnyBuffer>()   // done (greedy)
                                   .Arg<ffi::AnyBuffer>()   // time
                                   .Arg<ffi::AnyBuffer>()   // starts
                                   .Arg<ffi::AnyBuffer>()   // inv_freq
@@ -66,14 +80,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmDecodeStep, DecodeStepImpl,
                                   .Arg<ffi::AnyBuffer>()   // wdown
                                   .Arg<ffi::AnyBuffer>()   // final_norm
                                   .RemainingArgs()         // keys of every layer, then values
-                                  .Ret<ffi::AnyBuffer>()   // logits
+                                  .Ret<ffi::AnyBuffer>()   // logits, or greedy tokens
                                   .Ret<ffi::AnyBuffer>()   // workspace
                                   .RemainingRets()         // the caches, aliased to the inputs
                                   .Attr<ffi::Span<const int64_t>>("windows")
                                   .Attr<float>("eps")
                                   .Attr<float>("embed_scale")
                                   .Attr<float>("attn_scale")
-                                  .Attr<float>("logit_cap"));
+                                  .Attr<float>("logit_cap")
+                                  .Attr<int32_t>("eos"));
 
 // The workspace's size, for the Python side to allocate it.
 extern "C" int jaxlm_workspace_floats() { return WS_FLOATS; }

@@ -51,9 +51,10 @@ using DownGemm = Gemm<F, 1, 2>;                                  // 16 outputs
 using HeadGemm = Gemm<D, 2, WARPS>;                              // 128 vocabulary entries
 
 // Workspace (float32 words): residual x [B, D], rotated queries [B, D], the attention output
-// [B, D] in T, the MLP product [B, F] in T.
+// [B, D] in T, the MLP product [B, F] in T, the greedy bests [3, B] in 64 bits.
 constexpr int WS_X = 0, WS_Q = WS_X + B * D, WS_ATT = WS_Q + B * D, WS_HID = WS_ATT + B * D / 2;
-constexpr int WS_FLOATS = WS_HID + B * F / 2;
+constexpr int WS_BEST = WS_HID + B * F / 2, WS_FLOATS = WS_BEST + 3 * B * 2;
+static_assert(WS_BEST % 2 == 0, "64-bit aligned bests");
 
 // Shared memory (float words): an m-tile of activations, the warps' products, attention partials
 // and each warp's query.
@@ -471,18 +472,25 @@ __device__ void down_phase(const Params& p, int l, float* sm, unsigned long long
   residual_projection<DownGemm>(p, p.wdown + (size_t)l * D * F, p.ws + WS_HID, false, sm, barrier);
 }
 
-// 6. Final RMSNorm and the tied head: float32 logits.
+// 6. Final RMSNorm and the tied head: float32 logits, or (greedy) each row's arg-max candidate.
 __device__ void head_phase(const Params& p, float* sm, unsigned long long& barrier) {
   using G = HeadGemm;
   constexpr int COLS = 8 * G::NT * G::NPW;
+  static_assert(COLS % 32 == 0, "a warp's 32 logits in finish share a row");
   gemm_phase<G>(
       V / COLS, sm, &barrier, [&](int n, int nt, int j) { return p.embed + (size_t)(n * COLS + (nt * G::NPW + j) * 8) * D; },
       [&](int m, T* a) { stage_normed<G::STRIDE>(p, false, p.final_norm, m, a); },
       NothingEarly{},
       [&](int m, int n, auto sum, float) {
         for (int e = threadIdx.x; e < 16 * COLS; e += THREADS) {
-          const int r = e / COLS, c = e % COLS, b = 16 * m + r, tile = c / 8;
-          if (b < B) p.logits[(size_t)b * V + n * COLS + c] = capped(p, sum(r, tile / G::NPW, tile % G::NPW, c % 8));
+          const int r = e / COLS, c = e % COLS, b = 16 * m + r, tile = c / 8, id = n * COLS + c;
+          const float logit = capped(p, sum(r, tile / G::NPW, tile % G::NPW, c % 8));
+          if (p.logits) {
+            if (b < B) p.logits[(size_t)b * V + id] = logit;
+          } else if (b < B) {   // warp-uniform
+            const unsigned long long best = warp_max(argmax_key(logit, id));
+            if (threadIdx.x % 32 == 0) offer_best(b, best);
+          }
         }
       });
 }
@@ -492,16 +500,24 @@ __device__ void head_phase(const Params& p, float* sm, unsigned long long& barri
 __global__ void __launch_bounds__(THREADS, 1) decode_step_kernel(const Params p) {
   extern __shared__ __align__(16) float sm[];
   unsigned long long barrier = barrier_start();
-  const int time = *p.time;
-  // Each phase begins with the grid barrier after the one before (but layer 0's first).
-  for (int l = 0; l < L; ++l) {
-    qkv_phase(p, l, time, sm, l ? &barrier : nullptr);
-    attention_phase(p, l, time, sm, barrier);
-    o_phase(p, l, sm, barrier);
-    gate_up_phase(p, l, sm, barrier);
-    down_phase(p, l, sm, barrier);
+  begin_steps(p);
+  for (int step = 0; step < p.steps; ++step) {
+    const int time = *p.time + step;
+    // Each phase begins with the grid barrier after the one before (but layer 0's first).
+    for (int l = 0; l < L; ++l) {
+      qkv_phase(p, l, time, sm, l ? &barrier : nullptr);
+      attention_phase(p, l, time, sm, barrier);
+      o_phase(p, l, sm, barrier);
+      gate_up_phase(p, l, sm, barrier);
+      down_phase(p, l, sm, barrier);
+    }
+    head_phase(p, sm, barrier);
+    if (!p.logits) {
+      publish_best(p, step);
+      grid_barrier(barrier);
+      take_tokens(p, step);
+    }
   }
-  head_phase(p, sm, barrier);
 }
 
 #include "toylm_decode_ffi.cuh"
