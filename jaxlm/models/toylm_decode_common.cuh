@@ -126,14 +126,14 @@ __device__ __forceinline__ int argmax_id(unsigned long long key) { return (int)(
 // Greedy: a candidate for row b's arg-max, into the block's best.
 __device__ __forceinline__ void offer_best(int b, unsigned long long key) { atomicMax(&block_best[b], key); }
 
-// Before the first step: the input tokens; every row's best cleared for step 0 (the workspace
-// is not zeroed between launches).
+// Before the first step, and before the launch's first grid barrier: the input tokens; every
+// row's bests cleared for steps 0 and 1 (the workspace is not zeroed between launches).
 __device__ void begin_steps(const Params& p) {
   for (int b = threadIdx.x; b < B; b += THREADS) {
     step_tokens[b] = p.tokens[b];
     row_done[b] = p.logits ? false : p.done[b];
     block_best[b] = 0;
-    if (blockIdx.x == 0 && !p.logits) p.best[b] = 0;
+    if (blockIdx.x == 0 && !p.logits) p.best[b] = p.best[B + b] = 0;
   }
   __syncthreads();
 }
@@ -148,9 +148,9 @@ __device__ void publish_best(const Params& p, int step) {
 }
 
 // Greedy, after the grid barrier that follows publish_best: the step's tokens (EOS in rows
-// already done), fed to the next step and written out by block 0, which also clears the bests
-// of step + 1. Three sets of bests rotate: the set a block reads here is cleared only after the
-// next step's first barrier, by which every block has read it.
+// already done), fed to the next step and written out by block 0. Three sets of bests rotate:
+// block 0 also clears the set of step + 2, which every block read before this step's barrier
+// (at step - 1) and none writes before the next step's barrier (which block 0 passes after this).
 __device__ void take_tokens(const Params& p, int step) {
   for (int b = threadIdx.x; b < B; b += THREADS) {
     const int token = row_done[b] ? p.eos : argmax_id(p.best[step % 3 * B + b]);
@@ -158,7 +158,7 @@ __device__ void take_tokens(const Params& p, int step) {
     step_tokens[b] = token;
     if (blockIdx.x == 0) {
       p.greedy_tokens[b * p.steps + step] = token;
-      p.best[(step + 1) % 3 * B + b] = 0;
+      p.best[(step + 2) % 3 * B + b] = 0;
     }
   }
   __syncthreads();
@@ -209,27 +209,25 @@ __device__ __forceinline__ unsigned long long barrier_start() {
   return start;
 }
 
-// The barrier in two halves, so that a block can issue loads that do not depend on the other
-// blocks (weights, old cache slots) between them and overlap their latency with the barrier's.
-__device__ __forceinline__ void barrier_arrive(unsigned long long& target) {
+// A block's writes published with one added to a counter, and the wait for a counter to reach
+// a target, after which the writes published with it are visible to the whole block.
+__device__ __forceinline__ void signal(unsigned long long* counter) {
   __syncthreads();
-  target += NB;
-  if (threadIdx.x == 0) {
-    asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(&barrier_arrivals) : "memory");
-  }
+  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(counter) : "memory");
 }
 
-__device__ __forceinline__ void barrier_wait(unsigned long long target) {
+__device__ __forceinline__ void wait_until(const unsigned long long* counter, unsigned long long target) {
   if (threadIdx.x == 0) {
     unsigned long long now;
     do {
-      asm volatile("ld.acquire.gpu.u64 %0, [%1];" : "=l"(now) : "l"(&barrier_arrivals) : "memory");
+      asm volatile("ld.acquire.gpu.u64 %0, [%1];" : "=l"(now) : "l"(counter) : "memory");
     } while (now < target);
   }
   __syncthreads();
 }
 
 __device__ __forceinline__ void grid_barrier(unsigned long long& target) {
-  barrier_arrive(target);
-  barrier_wait(target);
+  target += NB;
+  signal(&barrier_arrivals);
+  wait_until(&barrier_arrivals, target);
 }

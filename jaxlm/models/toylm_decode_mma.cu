@@ -4,14 +4,15 @@
 // Why: toylm_decode.cu multiplies every row on the CUDA cores, which pays for a row or two only.
 // More rows need the tensor cores, and at batch 64 XLA's step (~150 kernels, 0.44 ms on an H200)
 // is again a chain of launches. On an H200 this build is also the faster at one row. It runs
-// the same five phases a layer as toylm_decode.cu, with the same numerics and grid barrier
-// (toylm_decode_common.cuh), whose two halves it splits to load weights and old cache slots in
-// between (see gemm_phase, attention_phase). It differs in how it computes:
+// the same five phases a layer as toylm_decode.cu, with the same numerics. It differs in how it
+// computes:
 //   - products: mma.sync m16n8k16. A block takes a task, 16 rows (an m-tile) by a group of
 //     outputs. Each warp takes one or two n-tiles of 8 outputs over a share of the inputs (a
 //     k-split). The block adds the k-splits in a fixed order: deterministic, no atomics.
 //   - attention: a lane per cache slot for the scores, then a lane per pair of head dims for
 //     the values; a few warps share a (row, head) and merge in shared memory.
+//   - synchronisation: the phases meet per m-tile, not at grid barriers (see Progress); a grid
+//     barrier remains only at the launch's start and, greedy, after each step's head.
 //
 // Operand order: the weights stay [out, in], as toylm_decode.py prepares them for both kernels.
 // A lane reads 8 consecutive inputs (16 bytes) of a weight row and of an activation row at the
@@ -61,6 +62,36 @@ static_assert(WS_BEST % 2 == 0, "64-bit aligned bests");
 constexpr int A_STRIDE = DownGemm::STRIDE > QkvGemm::STRIDE ? DownGemm::STRIDE : QkvGemm::STRIDE;
 constexpr int SM_A = 0, SM_RED = SM_A + 16 * A_STRIDE / 2, SM_PART = SM_RED + WARPS * 2 * 128;
 constexpr int SM_Q = SM_PART + WARPS * PART, SMEM_BYTES = (SM_Q + WARPS * K) * 4;
+
+// ------------------------------------------------------------------------------- m-tile progress
+
+// Phases meet per m-tile instead of at grid barriers. A row's data (its residual, query, cache
+// rows, attention output, MLP product) is written and read only by tasks of its own m-tile, so a
+// task needs only the tasks of the phase before on its m-tile to have finished, and m-tiles do
+// not wait for each other. Each m-tile counts its finished tasks in a counter that is never
+// reset. Every phase has the same number of tasks on each m-tile, so one count, `before`, the
+// same in every block, says how many must have finished (since the launch) when a phase's task
+// starts.
+struct alignas(128) TileCounter {   // a line each: the m-tiles' polls and adds do not contend
+  unsigned long long finished;
+};
+__device__ TileCounter tile_counters[MT];
+__shared__ unsigned long long tile_start[MT];   // each counter at the launch's start
+
+struct Progress {
+  unsigned long long before = 0;
+
+  // Before the launch's first grid barrier, when no task of it can have finished.
+  __device__ void start() {
+    for (int m = threadIdx.x; m < MT; m += THREADS)
+      asm volatile("ld.relaxed.gpu.u64 %0, [%1];" : "=l"(tile_start[m]) : "l"(&tile_counters[m].finished));
+  }
+  // Until the tasks of the phases before on m-tile m have finished.
+  __device__ void wait(int m) const { wait_until(&tile_counters[m].finished, tile_start[m] + before); }
+  // The block's task on m-tile m has finished (every thread's writes are published).
+  __device__ void finished(int m) const { signal(&tile_counters[m].finished); }
+  __device__ void next_phase(int tasks_per_m) { before += tasks_per_m; }
+};
 
 // ------------------------------------------------------------------------------- products
 
@@ -120,32 +151,30 @@ struct WarpTiles {
 };
 
 // Runs one product phase: tasks (m-tile, n) for n < per_m, in contiguous ranges per block (so a
-// block mostly keeps its m-tile staged). `barrier` is the grid barrier before the phase (nullptr:
-// none): a block arrives, issues its first task's weight loads, which never depend on the other
-// blocks, and then waits, so that their latency overlaps the barrier's.
+// block mostly keeps its m-tile staged). A task issues its weight loads, which depend on no
+// other task, before it waits for its m-tile's inputs (`progress`), so that their latency
+// overlaps the wait.
 //   tile(n, nt, j)  -> the first weight row of the warp's n-tile j (input 0)
 //   stage(m, a)     -> writes the m-tile's 16 activation rows to shared a (row stride STRIDE)
 //   early(m, n)     -> a float each thread needs in finish, loaded before the product so that
 //                      its latency overlaps it (the residual a projection is added to)
 //   finish(m, n, sum, early) with sum(r, nt, j, c): the product at row r, output c of n-tile (nt, j)
 template <class G, typename TileOf, typename Stage, typename Early, typename Finish>
-__device__ __forceinline__ void gemm_phase(int per_m, float* sm, unsigned long long* barrier, TileOf tile,
-                                           Stage stage, Early early, Finish finish) {
+__device__ __forceinline__ void gemm_phase(int per_m, float* sm, Progress& progress, TileOf tile, Stage stage,
+                                           Early early, Finish finish) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nt = warp % G::NT, ks = warp / G::NT;
   const bool active = warp < G::NT * G::KS;
   T* a = reinterpret_cast<T*>(sm + SM_A);
   float* red = sm + SM_RED;
   const int tasks = MT * per_m, first = blockIdx.x * tasks / NB, last = (blockIdx.x + 1) * tasks / NB;
-  int staged = -1;
-  if (barrier) barrier_arrive(*barrier);
+  int staged = -1, ready = -1;
   for (int task = first; task < last; ++task) {   // block-uniform
     const int m = task / per_m, n = task % per_m;
-    WarpTiles<G> w;   // issued first: their latency overlaps the barrier and the staging
+    WarpTiles<G> w;   // issued first: their latency overlaps the wait and the staging
     w.load([&](int j) -> const T* { return active ? tile(n, nt, j) + ks * G::CH * 32 : nullptr; });
-    if (barrier) barrier_wait(*barrier), barrier = nullptr;
+    if (m != ready) progress.wait(m), ready = m;
     const float early_value = early(m, n);
-    __syncthreads();   // the previous task is done with a and red
-    if (m != staged) {
+    if (m != staged) {   // (the previous task is done with a and red: see progress.finished)
       stage(m, a);
       __syncthreads();
       staged = m;
@@ -168,8 +197,9 @@ __device__ __forceinline__ void gemm_phase(int per_m, float* sm, unsigned long l
       for (int k = 0; k < G::KS; ++k) s += red[((k * G::NT + tile_nt) * G::NPW + j) * 128 + r * 8 + c];
       return s;
     }, early_value);
+    progress.finished(m);
   }
-  if (barrier) barrier_wait(*barrier);   // a block without tasks
+  progress.next_phase(per_m);
 }
 
 struct NothingEarly {
@@ -240,11 +270,11 @@ __device__ void stage_rows(const T* src, int m, T* a) {
 
 // 1. A task is one head of q, k or v for an m-tile: RMSNorm, the head's K outputs, RoPE; q to
 // the workspace, k and v into the cache.
-__device__ void qkv_phase(const Params& p, int l, int time, float* sm, unsigned long long* barrier) {
+__device__ void qkv_phase(const Params& p, int l, int time, float* sm, Progress& progress) {
   using G = QkvGemm;
   const T* w = p.wqkv + (size_t)l * 3 * D * D;
   gemm_phase<G>(
-      3 * H, sm, barrier, [&](int n, int nt, int) { return w + (size_t)(n * K + nt * 8) * D; },
+      3 * H, sm, progress, [&](int n, int nt, int) { return w + (size_t)(n * K + nt * 8) * D; },
       [&](int m, T* a) { stage_normed<G::STRIDE>(p, l == 0, p.attn_norm + l * D, m, a); },
       NothingEarly{},
       [&](int m, int n, auto sum, float) {
@@ -360,30 +390,33 @@ __device__ __forceinline__ void attend(Attention& a, const T* keys, const T* val
 }
 
 // 2. Attention of every (row, head) over the slots written so far. SPLITS warps of a block share
-// a (row, head), each a range of slots; the block merges them and writes the output in T.
+// a (row, head), each a range of slots; the block merges them and writes the output in T. A
+// block's PER_BLOCK pairs at a time lie in one m-tile: a task of its progress.
 constexpr int SPLITS = [] {
   int s = 1;
   while (s * 2 <= WARPS && B * H * s * 2 <= TW) s *= 2;
   return s;
 }();
-__device__ void attention_phase(const Params& p, int l, int time, float* sm, unsigned long long& barrier) {
+__device__ void attention_phase(const Params& p, int l, int time, float* sm, Progress& progress) {
   constexpr int PER_BLOCK = WARPS / SPLITS;   // (row, head) pairs a block takes at a time
+  static_assert(16 * H % PER_BLOCK == 0, "a block's pairs in one m-tile");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, S = p.cache_size[l], n = min(time + 1, S);
   float* part = sm + SM_PART;
   T* out = reinterpret_cast<T*>(p.ws + WS_ATT);
-  barrier_arrive(barrier);   // the barrier after the Q/K/V phase, waited for below
-  bool waiting = true;
-  for (int base = blockIdx.x * PER_BLOCK; base < B * H; base += NB * PER_BLOCK) {   // block-uniform
-    const int pair = base + warp / SPLITS, split = warp % SPLITS, b = pair / H, lo = split * n / SPLITS;
+  int ready = -1;
+  // Over the padding rows of the last m-tile too (no work), so that every m-tile has as many tasks.
+  for (int base = blockIdx.x * PER_BLOCK; base < MT * 16 * H; base += NB * PER_BLOCK) {   // block-uniform
+    const int m = base / (16 * H), pair = base + warp / SPLITS, split = warp % SPLITS, b = pair / H;
+    const int lo = split * n / SPLITS;
     Attention a{p, time, S, p.window[l], b < B ? p.starts[b] : 0, (split + 1) * n / SPLITS, nullptr};
     const T* keys = p.k_cache[l] + (size_t)pair * S * K;   // pair = b * H + head
     const T* values = p.v_cache[l] + (size_t)pair * S * K;
     // The slots written before this step do not depend on the Q/K/V phase: the first chunk is
-    // loaded before the barrier, unless it holds this step's slot.
+    // loaded before the wait, unless it holds this step's slot.
     Chunk chunk;
-    const bool early = waiting && pair < B * H && lo < a.hi && (time % S < lo || time % S >= min(lo + 32, a.hi));
+    const bool early = pair < B * H && lo < a.hi && (time % S < lo || time % S >= min(lo + 32, a.hi));
     if (early) chunk.load(keys, values, lo, a.hi);
-    if (waiting) barrier_wait(barrier), waiting = false;
+    if (m != ready) progress.wait(m), ready = m;
     if (pair < B * H) attend(a, keys, values, lo, p.ws + WS_Q + b * D + pair % H * K, sm + SM_Q + warp * K, chunk, early);
     float* mine = part + warp * PART;
     if (lane == 0) mine[0] = a.run_max, mine[1] = a.total;
@@ -406,9 +439,9 @@ __device__ void attention_phase(const Params& p, int l, int time, float* sm, uns
       }
       out[(pr / H) * D + (pr % H) * K + d] = from_f<T>(sum > 0.f ? weighted / sum : 0.f);
     }
-    __syncthreads();
+    progress.finished(m);   // its __syncthreads also frees part for the next pairs
   }
-  if (waiting) barrier_wait(barrier);   // a block without pairs
+  progress.next_phase(16 * H / PER_BLOCK);
 }
 
 // The value a task's output is added to, loaded early (see gemm_phase): thread r * 16 + c owns
@@ -434,25 +467,25 @@ struct AddToResidual {
 // outputs added to the residual stream (onto the embedding before layer 0's O projection).
 template <class G>
 __device__ __forceinline__ void residual_projection(const Params& p, const T* w, const float* activation, bool onto_embedding,
-                                                    float* sm, unsigned long long& barrier) {
+                                                    float* sm, Progress& progress) {
   gemm_phase<G>(
-      D / (8 * G::NT), sm, &barrier, [&](int n, int nt, int) { return w + (size_t)(n * G::NT + nt) * 8 * G::KD; },
+      D / (8 * G::NT), sm, progress, [&](int n, int nt, int) { return w + (size_t)(n * G::NT + nt) * 8 * G::KD; },
       [&](int m, T* a) { stage_rows<G::KD, G::STRIDE>(reinterpret_cast<const T*>(activation), m, a); },
       ResidualBefore{p, onto_embedding}, AddToResidual{p});
 }
 
 // 3. O projection of the attention output, added to the residual stream.
-__device__ void o_phase(const Params& p, int l, float* sm, unsigned long long& barrier) {
-  residual_projection<OGemm>(p, p.wo + (size_t)l * D * D, p.ws + WS_ATT, l == 0, sm, barrier);
+__device__ void o_phase(const Params& p, int l, float* sm, Progress& progress) {
+  residual_projection<OGemm>(p, p.wo + (size_t)l * D * D, p.ws + WS_ATT, l == 0, sm, progress);
 }
 
 // 4. RMSNorm, then gate and up of 8 * NT hidden units; SiLU(gate) * up to the workspace.
-__device__ void gate_up_phase(const Params& p, int l, float* sm, unsigned long long& barrier) {
+__device__ void gate_up_phase(const Params& p, int l, float* sm, Progress& progress) {
   using G = GateUpGemm;
   const T* w = p.wgu + (size_t)l * 2 * F * D;
   T* hid = reinterpret_cast<T*>(p.ws + WS_HID);
   gemm_phase<G>(
-      F / (8 * G::NT), sm, &barrier,
+      F / (8 * G::NT), sm, progress,
       [&](int n, int nt, int j) { return w + (size_t)(j * F + (n * G::NT + nt) * 8) * D; },
       [&](int m, T* a) { stage_normed<G::STRIDE>(p, false, p.mlp_norm + l * D, m, a); },
       NothingEarly{},
@@ -468,17 +501,17 @@ __device__ void gate_up_phase(const Params& p, int l, float* sm, unsigned long l
 }
 
 // 5. Down projection of the MLP product, added to the residual stream.
-__device__ void down_phase(const Params& p, int l, float* sm, unsigned long long& barrier) {
-  residual_projection<DownGemm>(p, p.wdown + (size_t)l * D * F, p.ws + WS_HID, false, sm, barrier);
+__device__ void down_phase(const Params& p, int l, float* sm, Progress& progress) {
+  residual_projection<DownGemm>(p, p.wdown + (size_t)l * D * F, p.ws + WS_HID, false, sm, progress);
 }
 
 // 6. Final RMSNorm and the tied head: float32 logits, or (greedy) each row's arg-max candidate.
-__device__ void head_phase(const Params& p, float* sm, unsigned long long& barrier) {
+__device__ void head_phase(const Params& p, float* sm, Progress& progress) {
   using G = HeadGemm;
   constexpr int COLS = 8 * G::NT * G::NPW;
   static_assert(COLS % 32 == 0, "a warp's 32 logits in finish share a row");
   gemm_phase<G>(
-      V / COLS, sm, &barrier, [&](int n, int nt, int j) { return p.embed + (size_t)(n * COLS + (nt * G::NPW + j) * 8) * D; },
+      V / COLS, sm, progress, [&](int n, int nt, int j) { return p.embed + (size_t)(n * COLS + (nt * G::NPW + j) * 8) * D; },
       [&](int m, T* a) { stage_normed<G::STRIDE>(p, false, p.final_norm, m, a); },
       NothingEarly{},
       [&](int m, int n, auto sum, float) {
@@ -500,18 +533,20 @@ __device__ void head_phase(const Params& p, float* sm, unsigned long long& barri
 __global__ void __launch_bounds__(THREADS, 1) decode_step_kernel(const Params p) {
   extern __shared__ __align__(16) float sm[];
   unsigned long long barrier = barrier_start();
+  Progress progress;
+  progress.start();
   begin_steps(p);
+  grid_barrier(barrier);   // every block has read where the m-tiles' counts start
   for (int step = 0; step < p.steps; ++step) {
     const int time = *p.time + step;
-    // Each phase begins with the grid barrier after the one before (but layer 0's first).
     for (int l = 0; l < L; ++l) {
-      qkv_phase(p, l, time, sm, l ? &barrier : nullptr);
-      attention_phase(p, l, time, sm, barrier);
-      o_phase(p, l, sm, barrier);
-      gate_up_phase(p, l, sm, barrier);
-      down_phase(p, l, sm, barrier);
+      qkv_phase(p, l, time, sm, progress);
+      attention_phase(p, l, time, sm, progress);
+      o_phase(p, l, sm, progress);
+      gate_up_phase(p, l, sm, progress);
+      down_phase(p, l, sm, progress);
     }
-    head_phase(p, sm, barrier);
+    head_phase(p, sm, progress);
     if (!p.logits) {
       publish_best(p, step);
       grid_barrier(barrier);
