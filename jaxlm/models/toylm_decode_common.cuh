@@ -216,12 +216,19 @@ __device__ __forceinline__ void signal(unsigned long long* counter) {
   if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(counter) : "memory");
 }
 
+// Polls are spaced POLL_GAP cycles apart: polls of the line the adds go to slow the adds. On an
+// H200 (64 rows, the counters of Progress) the step took 0.323 ms with a gap of 100 cycles,
+// 0.327 with none, 0.342 with two polls in flight at once.
+constexpr long long POLL_GAP = 100;
 __device__ __forceinline__ void wait_until(const unsigned long long* counter, unsigned long long target) {
   if (threadIdx.x == 0) {
-    unsigned long long now;
-    do {
+    while (true) {
+      unsigned long long now;
       asm volatile("ld.acquire.gpu.u64 %0, [%1];" : "=l"(now) : "l"(counter) : "memory");
-    } while (now < target);
+      if (now >= target) break;
+      for (const long long start = clock64(); clock64() - start < POLL_GAP;) {
+      }
+    }
   }
   __syncthreads();
 }
