@@ -149,8 +149,9 @@ def _decode_chunk(graphdef, params, state: DecodeState, cuda_weights, *, steps, 
     """
     model = nnx.merge(graphdef, params)
     if cuda_weights is not None and GREEDY_CHUNK_IN_KERNEL and _plain_greedy(sampling):
-        tokens_BN, cache = toylm_decode.greedy_steps(model, cuda_weights, state.token_B, state.done_B, state.cache,
-                                                     steps=steps, eos_id=eos_id)
+        # A done row's pending token is EOS (_accept), so the kernel repeats it as _accept would.
+        tokens_BN, cache = toylm_decode.greedy_steps(model, cuda_weights, state.token_B, state.cache, steps=steps,
+                                                     eos_id=eos_id)
         done_B = state.done_B | jnp.any(tokens_BN == eos_id, axis=1)
         return state._replace(cache=cache, token_B=tokens_BN[:, -1], done_B=done_B), tokens_BN
     decode_step = model.decode_step

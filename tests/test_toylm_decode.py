@@ -232,11 +232,11 @@ def test_greedy_steps_in_one_launch_equal_a_launch_a_step(dtype, rows):
     _, cache = jax.jit(model.prefill)(ids, model.init_cache(rows, 32), starts)
     weights = toylm_decode.prepare(model)
     step = jax.jit(lambda w, i, c: toylm_decode.decode_step(model, w, i, c))
-    many = jax.jit(lambda w, i, d, c, n, eos: toylm_decode.greedy_steps(model, w, i, d, c, steps=n, eos_id=eos),
-                   static_argnums=(4, 5))
+    many = jax.jit(lambda w, i, c, n, eos: toylm_decode.greedy_steps(model, w, i, c, steps=n, eos_id=eos),
+                   static_argnums=(3, 4))
 
-    def a_launch_a_step(eos):
-        tokens, done, c, token = [], np.zeros(rows, bool), cache, ids[:, -1]
+    def a_launch_a_step(eos):   # generate's rule: a row fed EOS is done
+        tokens, done, c, token = [], np.asarray(ids[:, -1] == eos), cache, ids[:, -1]
         for _ in range(steps):
             logits, c = step(weights, token, c)
             token = jnp.where(done, eos, jnp.argmax(logits, axis=-1).astype(jnp.int32))
@@ -246,9 +246,8 @@ def test_greedy_steps_in_one_launch_equal_a_launch_a_step(dtype, rows):
 
     eos = int(a_launch_a_step(-1)[0][0, 5])   # a token row 0 produces: it and maybe others stop
     expected, expected_cache = a_launch_a_step(eos)
-    first, c = many(weights, ids[:, -1], jnp.zeros(rows, bool), cache, 10, eos)
-    done = jnp.any(first == eos, axis=1)
-    rest, c = many(weights, first[:, -1], done, c, steps - 10, eos)
+    first, c = many(weights, ids[:, -1], cache, 10, eos)
+    rest, c = many(weights, first[:, -1], c, steps - 10, eos)
     np.testing.assert_array_equal(np.concatenate([first, rest], axis=1), expected)
     assert (expected[0, 5:] == eos).all()
     assert int(c.length) == int(cache.length) + steps

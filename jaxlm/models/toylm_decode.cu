@@ -120,12 +120,15 @@ struct Tiles {
   }
 };
 
+// The tokens fed at the current step (fed_token), each block's copy.
+__shared__ int step_tokens[B];
+
 // Shared act[b][i] = RMSNorm(x[b]) * w, rounded to T as the projections see it.
 __device__ void load_normed(const Params& p, bool first_layer, const float* norm_w, float* sm) {
   float* act = sm + SM_ACT;
   float* inv_rms = sm + SM_NORM;
   const float* x = p.ws + WS_X;
-  for (int e = threadIdx.x; e < B * D; e += THREADS) act[e] = first_layer ? embedded(p, e / D, e % D) : x[e];
+  for (int e = threadIdx.x; e < B * D; e += THREADS) act[e] = first_layer ? embedded(p, step_tokens[e / D], e % D) : x[e];
   __syncthreads();
   const int lane = threadIdx.x % 32;
   for (int b = threadIdx.x / 32; b < B; b += WARPS) {
@@ -288,7 +291,7 @@ __device__ void o_phase(const Params& p, int l, float* sm, const OTiles& tiles) 
     const int b = threadIdx.x % 32;
     if (b >= B) return;
     float* x = p.ws + WS_X + b * D + j;
-    *x = (l == 0 ? embedded(p, b, j) : *x) + round_t(s[0][b]);
+    *x = (l == 0 ? embedded(p, step_tokens[b], j) : *x) + round_t(s[0][b]);
   });
 }
 
@@ -356,6 +359,11 @@ __global__ void __launch_bounds__(THREADS, 1) decode_step_kernel(const Params p)
   HeadTiles head;
   for (int step = 0; step < p.steps; ++step) {
     const int time = *p.time + step;
+    for (int b = threadIdx.x; b < B; b += THREADS) {   // after the grid barrier that ends a greedy step
+      step_tokens[b] = fed_token(p, b, step);
+      if (blockIdx.x == 0 && !p.logits) record_tokens(p, b, step);
+    }
+    __syncthreads();
     load_qkv(qkv, p, 0);
     for (int l = 0; l < L; ++l) {
       load_o(o, p, l);
@@ -379,11 +387,12 @@ __global__ void __launch_bounds__(THREADS, 1) decode_step_kernel(const Params p)
     }
     head_phase(p, sm, head);
     if (!p.logits) {
-      publish_best(p, step);
+      publish_best(p, step, 0, B);
       grid_barrier(barrier);
-      take_tokens(p, step);
     }
   }
+  if (!p.logits && blockIdx.x == 0)
+    for (int b = threadIdx.x; b < B; b += THREADS) record_last_token(p, b);
 }
 
 #include "toylm_decode_ffi.cuh"

@@ -157,40 +157,37 @@ def prepare(model) -> DecodeWeights:
 def decode_step(model, weights: DecodeWeights, ids_B, cache: kv_cache.KVCache):
     """``ToyLM.decode_step`` through the kernel: logits ``[B, V]`` and the cache, updated in place."""
     rows, vocab = ids_B.shape[0], model.cfg.vocab_size
-    logits_BV, cache = _launch(model, weights, ids_B, jnp.zeros((rows,), bool), cache,
-                               jax.ShapeDtypeStruct((rows, vocab), jnp.float32), eos_id=-1)
+    logits_BV, cache = _launch(model, weights, ids_B, cache, jax.ShapeDtypeStruct((rows, vocab), jnp.float32),
+                               eos_id=-1)
     return logits_BV, cache
 
 
-def greedy_steps(model, weights: DecodeWeights, ids_B, done_B, cache: kv_cache.KVCache, *, steps: int,
-                 eos_id: int):
+def greedy_steps(model, weights: DecodeWeights, ids_B, cache: kv_cache.KVCache, *, steps: int, eos_id: int):
     """``steps`` greedy decode steps in one launch, each fed the previous one's arg-max (the
     first fed ``ids_B``): what ``steps`` calls of ``decode_step`` and ``jnp.argmax`` give, without
-    a launch, an arg-max and the loop's bookkeeping between steps. Rows in ``done_B``, and rows
-    once they produce ``eos_id`` (-1: none), produce ``eos_id`` from then on.
+    a launch, an arg-max and the loop's bookkeeping between steps. A row fed ``eos_id`` (-1:
+    none) produces it again, as generate's rows that are done do.
 
     Returns the tokens ``[B, steps]`` and the cache, ``steps`` longer.
     """
     rows = ids_B.shape[0]
-    return _launch(model, weights, ids_B, done_B, cache, jax.ShapeDtypeStruct((rows, steps), jnp.int32),
-                   eos_id=eos_id)
+    return _launch(model, weights, ids_B, cache, jax.ShapeDtypeStruct((rows, steps), jnp.int32), eos_id=eos_id)
 
 
-def _launch(model, weights: DecodeWeights, ids_B, done_B, cache: kv_cache.KVCache, out: jax.ShapeDtypeStruct,
-            eos_id: int):
+def _launch(model, weights: DecodeWeights, ids_B, cache: kv_cache.KVCache, out: jax.ShapeDtypeStruct, eos_id: int):
     """One launch of the kernel; ``out`` says what it returns: float32 ``[B, V]`` logits (one
     step) or int32 ``[B, steps]`` greedy tokens."""
     cfg = model.cfg
     target, workspace_floats = _build(_defines(model, ids_B.shape[0]))
     caches = (*cache.keys, *cache.values)
-    first_cache = 4 + len(weights)   # operands: ids, done, time, starts, the weights, then the caches
+    first_cache = 3 + len(weights)   # operands: ids, time, starts, the weights, then the caches
     call = jax.ffi.ffi_call(
         target,
         (out, jax.ShapeDtypeStruct((workspace_floats,), jnp.float32),
          *(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches)),
         input_output_aliases={first_cache + i: 2 + i for i in range(len(caches))})
     result, _, *caches = call(
-        ids_B.astype(jnp.int32), done_B.astype(bool), cache.length, cache.starts_B, *weights, *caches,
+        ids_B.astype(jnp.int32), cache.length, cache.starts_B, *weights, *caches,
         windows=np.array([block.attn.window or 0 for block in model.blocks], np.int64),
         eps=np.float32(cfg.norm_eps), embed_scale=np.float32(math.sqrt(cfg.dim) if cfg.embed_scale else 1.0),
         attn_scale=np.float32(1.0 / math.sqrt(cfg.head_dim)), logit_cap=np.float32(cfg.lm_head_logit_cap or 0.0),

@@ -62,8 +62,7 @@ struct Params {
   float* ws;                 // workspace
   float* logits;             // [B, V]; nullptr: greedy, each step's arg-max goes to greedy_tokens
   int32_t* greedy_tokens;    // [B, steps] greedy: the token chosen at each step
-  const bool* done;          // [B] greedy: rows that have produced EOS, which keep producing it
-  int eos;                   // greedy: the EOS id (-1: none)
+  int eos;                   // greedy: the EOS id (-1: none); a row fed it is fed it again
   unsigned long long* best;  // greedy: [3, B] each row's best argmax_key of a step (workspace)
   float eps, embed_scale, attn_scale;
   float logit_cap;           // the head's soft-cap; 0: none
@@ -102,17 +101,19 @@ __device__ __forceinline__ void unpack(const uint4& raw, float (&out)[VEC]) {
 
 // ------------------------------------------------------------------------------- tokens
 
-// The token each row feeds the current step, and (greedy) which rows have produced EOS. Every
-// block keeps its own copy: after a step's head and a grid barrier, each block derives the next
-// tokens from the same keys by the same rule, so no block waits for another to write them.
-__shared__ int step_tokens[B];
-__shared__ bool row_done[B];
-// Greedy: the block's best argmax_key per row so far in this step's head.
+// Greedy steps: the token fed at step u > 0 is the arg-max of step u - 1, except that a row fed
+// EOS is fed EOS again (generate's rule: a row that produced EOS only repeats it). Each step's
+// head reduces every row's arg-max into p.best[u % 3] with atomicMax; a task that needs a fed
+// token derives it from there and from the token fed before, so no block waits for another to
+// write the tokens out. Per m-tile one writer (see record_tokens) writes them out and clears the
+// bests of a later step: three sets rotate.
+
+// The block's best argmax_key per row so far in a head task.
 __shared__ unsigned long long block_best[B];
 
-// The residual stream before layer 0: the token's embedding (upcast, scaled).
-__device__ __forceinline__ float embedded(const Params& p, int b, int i) {
-  return to_f(p.embed[(size_t)step_tokens[b] * D + i]) * p.embed_scale;
+// The residual stream before layer 0: the fed token's embedding (upcast, scaled).
+__device__ __forceinline__ float embedded(const Params& p, int token, int i) {
+  return to_f(p.embed[(size_t)token * D + i]) * p.embed_scale;
 }
 
 // (logit, id) as one integer ordered like jnp.argmax's choice: the larger logit, and among
@@ -123,45 +124,48 @@ __device__ __forceinline__ unsigned long long argmax_key(float logit, int id) {
 }
 __device__ __forceinline__ int argmax_id(unsigned long long key) { return (int)(0xffffffffu - (uint32_t)key); }
 
+// The token row b is fed at step `step` of the launch: the input at step 0; once the heads of
+// step - 1 have finished on its m-tile, the rule above.
+__device__ __forceinline__ int fed_token(const Params& p, int b, int step) {
+  if (step == 0) return p.tokens[b];
+  const int before = step == 1 ? p.tokens[b] : p.greedy_tokens[b * p.steps + step - 2];
+  return before == p.eos ? p.eos : argmax_id(p.best[(step - 1) % 3 * B + b]);
+}
+
+// Greedy, by one task per m-tile at step `step`, after the heads of step - 1 on it and before
+// the heads of this step: writes out the token chosen at step - 1 (the one fed now) and clears
+// the bests of step + 1. Their last readers fed step - 1 (they are the set of step - 2); their
+// first writers are the heads of step + 1. The bests of step 0 are cleared by begin_steps.
+__device__ __forceinline__ void record_tokens(const Params& p, int b, int step) {
+  if (step > 0) p.greedy_tokens[b * p.steps + step - 1] = fed_token(p, b, step);
+  p.best[(step + 1) % 3 * B + b] = 0;
+}
+
 // Greedy: a candidate for row b's arg-max, into the block's best.
 __device__ __forceinline__ void offer_best(int b, unsigned long long key) { atomicMax(&block_best[b], key); }
 
-// Before the first step, and before the launch's first grid barrier: the input tokens; every
-// row's bests cleared for steps 0 and 1 (the workspace is not zeroed between launches).
+// Greedy, after a head task: the block's best of rows [first, first + rows) to the grid's.
+__device__ __forceinline__ void publish_best(const Params& p, int step, int first, int rows) {
+  __syncthreads();
+  for (int b = first + threadIdx.x; b < first + rows && b < B; b += THREADS) {
+    atomicMax(&p.best[step % 3 * B + b], block_best[b]);
+    block_best[b] = 0;
+  }
+}
+
+// Before the launch's first grid barrier: the bests of step 0 cleared (the workspace is not
+// zeroed between launches), and the block's.
 __device__ void begin_steps(const Params& p) {
   for (int b = threadIdx.x; b < B; b += THREADS) {
-    step_tokens[b] = p.tokens[b];
-    row_done[b] = p.logits ? false : p.done[b];
     block_best[b] = 0;
-    if (blockIdx.x == 0 && !p.logits) p.best[b] = p.best[B + b] = 0;
+    if (blockIdx.x == 0 && !p.logits) p.best[b] = 0;
   }
   __syncthreads();
 }
 
-// Greedy, after the head of `step`: the block's best to the grid's.
-__device__ void publish_best(const Params& p, int step) {
-  __syncthreads();
-  for (int b = threadIdx.x; b < B; b += THREADS) {
-    if (block_best[b]) atomicMax(&p.best[step % 3 * B + b], block_best[b]);
-    block_best[b] = 0;
-  }
-}
-
-// Greedy, after the grid barrier that follows publish_best: the step's tokens (EOS in rows
-// already done), fed to the next step and written out by block 0. Three sets of bests rotate:
-// block 0 also clears the set of step + 2, which every block read before this step's barrier
-// (at step - 1) and none writes before the next step's barrier (which block 0 passes after this).
-__device__ void take_tokens(const Params& p, int step) {
-  for (int b = threadIdx.x; b < B; b += THREADS) {
-    const int token = row_done[b] ? p.eos : argmax_id(p.best[step % 3 * B + b]);
-    row_done[b] = row_done[b] || token == p.eos;
-    step_tokens[b] = token;
-    if (blockIdx.x == 0) {
-      p.greedy_tokens[b * p.steps + step] = token;
-      p.best[(step + 2) % 3 * B + b] = 0;
-    }
-  }
-  __syncthreads();
+// Greedy, once the heads of the last step have finished on row b: the token they chose.
+__device__ __forceinline__ void record_last_token(const Params& p, int b) {
+  p.greedy_tokens[b * p.steps + p.steps - 1] = fed_token(p, b, p.steps);
 }
 
 

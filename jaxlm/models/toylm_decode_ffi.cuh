@@ -6,8 +6,8 @@
 
 #pragma once
 
-static ffi::Error DecodeStepImpl(cudaStream_t stream, ffi::AnyBuffer tokens, ffi::AnyBuffer done,
-                                 ffi::AnyBuffer time, ffi::AnyBuffer starts, ffi::AnyBuffer inv_freq, ffi::AnyBuffer embed,
+static ffi::Error DecodeStepImpl(cudaStream_t stream, ffi::AnyBuffer tokens, ffi::AnyBuffer time,
+                                 ffi::AnyBuffer starts, ffi::AnyBuffer inv_freq, ffi::AnyBuffer embed,
                                  ffi::AnyBuffer attn_norm, ffi::AnyBuffer wqkv, ffi::AnyBuffer wo,
                                  ffi::AnyBuffer mlp_norm, ffi::AnyBuffer wgu, ffi::AnyBuffer wdown,
                                  ffi::AnyBuffer final_norm, ffi::RemainingArgs caches,
@@ -25,7 +25,6 @@ static ffi::Error DecodeStepImpl(cudaStream_t stream, ffi::AnyBuffer tokens, ffi
   p.steps = greedy ? static_cast<int>(out_dims[1]) : 1;
   p.logits = greedy ? nullptr : static_cast<float*>(out->untyped_data());
   p.greedy_tokens = greedy ? static_cast<int32_t*>(out->untyped_data()) : nullptr;
-  p.done = static_cast<const bool*>(done.untyped_data());
   p.eos = eos;
   p.tokens = static_cast<const int32_t*>(tokens.untyped_data());
   p.time = static_cast<const int32_t*>(time.untyped_data());
@@ -67,7 +66,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmDecodeStep, DecodeStepImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()   // tokens
-                                  .Arg<ffi::AnyBuffer>()   // done (greedy)
                                   .Arg<ffi::AnyBuffer>()   // time
                                   .Arg<ffi::AnyBuffer>()   // starts
                                   .Arg<ffi::AnyBuffer>()   // inv_freq

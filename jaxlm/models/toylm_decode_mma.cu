@@ -11,8 +11,8 @@
 //     k-split). The block adds the k-splits in a fixed order: deterministic, no atomics.
 //   - attention: a lane per cache slot for the scores, then a lane per pair of head dims for
 //     the values; a few warps share a (row, head) and merge in shared memory.
-//   - synchronisation: the phases meet per m-tile, not at grid barriers (see Progress); a grid
-//     barrier remains only at the launch's start and, greedy, after each step's head.
+//   - synchronisation: the phases meet per m-tile, not at grid barriers (see Progress), also
+//     from a greedy step's head to the next step; one grid barrier starts the launch.
 //
 // Operand order: the weights stay [out, in], as toylm_decode.py prepares them for both kernels.
 // A lane reads 8 consecutive inputs (16 bytes) of a weight row and of an activation row at the
@@ -27,6 +27,7 @@ static_assert(K % 8 == 0 && K / 8 <= WARPS, "a head's outputs are at most one n-
 static_assert(16 % WARPS == 0 && THREADS == 16 * 16, "whole rows of an m-tile per warp; a thread per output of a 16-wide task");
 
 constexpr int MT = (B + 15) / 16;   // m-tiles; rows past B are zeros, their results dropped
+static_assert(MT <= NB, "a block per m-tile for the last greedy tokens");
 
 // The most k-splits (a power of two) with NT * KS warps at most and whole 32-input chunks.
 constexpr int k_splits(int nt, int kd) {
@@ -206,16 +207,17 @@ struct NothingEarly {
   __device__ float operator()(int, int) const { return 0.f; }
 };
 
-// Stages a[r][i] = RMSNorm(x[16m + r]) * w, rounded to T as the projections see it. A warp takes
-// rows warp, warp + WARPS, ...: their loads are all issued before the first reduction.
+// Stages a[r][i] = RMSNorm(x[16m + r]) * w, rounded to T as the projections see it; x is the
+// residual stream, or at fed_step >= 0 (layer 0) the embedding of the token fed at that step. A
+// warp takes rows warp, warp + WARPS, ...: their loads are all issued before the first reduction.
 template <int STRIDE>
-__device__ void stage_normed(const Params& p, bool first_layer, const float* norm_w, int m, T* a) {
+__device__ void stage_normed(const Params& p, int fed_step, const float* norm_w, int m, T* a) {
   constexpr int RPW = 16 / WARPS, CPL = (D / VEC + 31) / 32;   // rows per warp, 16-byte chunks of T per lane
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   float v[RPW][CPL][VEC];
 #pragma unroll
   for (int rr = 0; rr < RPW; ++rr) {
-    const int b = 16 * m + warp + rr * WARPS;
+    const int b = 16 * m + warp + rr * WARPS, token = fed_step >= 0 && b < B ? fed_token(p, b, fed_step) : 0;
 #pragma unroll
     for (int c = 0; c < CPL; ++c) {
       const int i0 = (lane + 32 * c) * VEC;
@@ -223,9 +225,9 @@ __device__ void stage_normed(const Params& p, bool first_layer, const float* nor
       for (int e = 0; e < VEC; e += 4) {
         float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
         if (b < B && i0 < D) {
-          x = first_layer ? make_float4(embedded(p, b, i0 + e), embedded(p, b, i0 + e + 1),
-                                        embedded(p, b, i0 + e + 2), embedded(p, b, i0 + e + 3))
-                          : *reinterpret_cast<const float4*>(p.ws + WS_X + b * D + i0 + e);
+          x = fed_step >= 0 ? make_float4(embedded(p, token, i0 + e), embedded(p, token, i0 + e + 1),
+                                          embedded(p, token, i0 + e + 2), embedded(p, token, i0 + e + 3))
+                            : *reinterpret_cast<const float4*>(p.ws + WS_X + b * D + i0 + e);
         }
         v[rr][c][e] = x.x, v[rr][c][e + 1] = x.y, v[rr][c][e + 2] = x.z, v[rr][c][e + 3] = x.w;
       }
@@ -269,15 +271,18 @@ __device__ void stage_rows(const T* src, int m, T* a) {
 // ------------------------------------------------------------------------------- phases
 
 // 1. A task is one head of q, k or v for an m-tile: RMSNorm, the head's K outputs, RoPE; q to
-// the workspace, k and v into the cache.
-__device__ void qkv_phase(const Params& p, int l, int time, float* sm, Progress& progress) {
+// the workspace, k and v into the cache. Greedy, layer 0's first task of an m-tile records its
+// rows' tokens (record_tokens).
+__device__ void qkv_phase(const Params& p, int l, int step, int time, float* sm, Progress& progress) {
   using G = QkvGemm;
   const T* w = p.wqkv + (size_t)l * 3 * D * D;
   gemm_phase<G>(
       3 * H, sm, progress, [&](int n, int nt, int) { return w + (size_t)(n * K + nt * 8) * D; },
-      [&](int m, T* a) { stage_normed<G::STRIDE>(p, l == 0, p.attn_norm + l * D, m, a); },
+      [&](int m, T* a) { stage_normed<G::STRIDE>(p, l == 0 ? step : -1, p.attn_norm + l * D, m, a); },
       NothingEarly{},
       [&](int m, int n, auto sum, float) {
+        if (l == 0 && n == 0 && !p.logits && threadIdx.x < 16 && 16 * m + threadIdx.x < B)
+          record_tokens(p, 16 * m + threadIdx.x, step);
         const int which = n / H, h = n % H;
         for (int e = threadIdx.x; e < 16 * K / 2; e += THREADS) {
           const int r = e / (K / 2), i = e % (K / 2), b = 16 * m + r;
@@ -445,13 +450,14 @@ __device__ void attention_phase(const Params& p, int l, int time, float* sm, Pro
 }
 
 // The value a task's output is added to, loaded early (see gemm_phase): thread r * 16 + c owns
-// output c of row 16m + r; before layer 0's O projection the embedding, else the residual stream.
+// output c of row 16m + r; before layer 0's O projection (fed_step >= 0) the embedding of the
+// token fed, else the residual stream.
 struct ResidualBefore {
   const Params& p;
-  bool embedding;
+  int fed_step;
   __device__ float operator()(int m, int n) const {
     const int b = 16 * m + threadIdx.x / 16, j = n * 16 + threadIdx.x % 16;
-    return b >= B ? 0.f : embedding ? embedded(p, b, j) : p.ws[WS_X + b * D + j];
+    return b >= B ? 0.f : fed_step >= 0 ? embedded(p, fed_token(p, b, fed_step), j) : p.ws[WS_X + b * D + j];
   }
 };
 struct AddToResidual {
@@ -464,19 +470,20 @@ struct AddToResidual {
 };
 
 // O and down alike: the product of an activation in the workspace ([B, KD] in T), its D
-// outputs added to the residual stream (onto the embedding before layer 0's O projection).
+// outputs added to the residual stream (onto the fed tokens' embedding at layer 0's O projection:
+// fed_step >= 0).
 template <class G>
-__device__ __forceinline__ void residual_projection(const Params& p, const T* w, const float* activation, bool onto_embedding,
+__device__ __forceinline__ void residual_projection(const Params& p, const T* w, const float* activation, int fed_step,
                                                     float* sm, Progress& progress) {
   gemm_phase<G>(
       D / (8 * G::NT), sm, progress, [&](int n, int nt, int) { return w + (size_t)(n * G::NT + nt) * 8 * G::KD; },
       [&](int m, T* a) { stage_rows<G::KD, G::STRIDE>(reinterpret_cast<const T*>(activation), m, a); },
-      ResidualBefore{p, onto_embedding}, AddToResidual{p});
+      ResidualBefore{p, fed_step}, AddToResidual{p});
 }
 
 // 3. O projection of the attention output, added to the residual stream.
-__device__ void o_phase(const Params& p, int l, float* sm, Progress& progress) {
-  residual_projection<OGemm>(p, p.wo + (size_t)l * D * D, p.ws + WS_ATT, l == 0, sm, progress);
+__device__ void o_phase(const Params& p, int l, int step, float* sm, Progress& progress) {
+  residual_projection<OGemm>(p, p.wo + (size_t)l * D * D, p.ws + WS_ATT, l == 0 ? step : -1, sm, progress);
 }
 
 // 4. RMSNorm, then gate and up of 8 * NT hidden units; SiLU(gate) * up to the workspace.
@@ -487,7 +494,7 @@ __device__ void gate_up_phase(const Params& p, int l, float* sm, Progress& progr
   gemm_phase<G>(
       F / (8 * G::NT), sm, progress,
       [&](int n, int nt, int j) { return w + (size_t)(j * F + (n * G::NT + nt) * 8) * D; },
-      [&](int m, T* a) { stage_normed<G::STRIDE>(p, false, p.mlp_norm + l * D, m, a); },
+      [&](int m, T* a) { stage_normed<G::STRIDE>(p, -1, p.mlp_norm + l * D, m, a); },
       NothingEarly{},
       [&](int m, int n, auto sum, float) {
         for (int e = threadIdx.x; e < 16 * G::NT * 8; e += THREADS) {
@@ -502,17 +509,18 @@ __device__ void gate_up_phase(const Params& p, int l, float* sm, Progress& progr
 
 // 5. Down projection of the MLP product, added to the residual stream.
 __device__ void down_phase(const Params& p, int l, float* sm, Progress& progress) {
-  residual_projection<DownGemm>(p, p.wdown + (size_t)l * D * F, p.ws + WS_HID, false, sm, progress);
+  residual_projection<DownGemm>(p, p.wdown + (size_t)l * D * F, p.ws + WS_HID, -1, sm, progress);
 }
 
-// 6. Final RMSNorm and the tied head: float32 logits, or (greedy) each row's arg-max candidate.
-__device__ void head_phase(const Params& p, float* sm, Progress& progress) {
+// 6. Final RMSNorm and the tied head: float32 logits, or (greedy) the task's best per row,
+// published into the step's bests before the task counts as finished.
+__device__ void head_phase(const Params& p, int step, float* sm, Progress& progress) {
   using G = HeadGemm;
   constexpr int COLS = 8 * G::NT * G::NPW;
   static_assert(COLS % 32 == 0, "a warp's 32 logits in finish share a row");
   gemm_phase<G>(
       V / COLS, sm, progress, [&](int n, int nt, int j) { return p.embed + (size_t)(n * COLS + (nt * G::NPW + j) * 8) * D; },
-      [&](int m, T* a) { stage_normed<G::STRIDE>(p, false, p.final_norm, m, a); },
+      [&](int m, T* a) { stage_normed<G::STRIDE>(p, -1, p.final_norm, m, a); },
       NothingEarly{},
       [&](int m, int n, auto sum, float) {
         for (int e = threadIdx.x; e < 16 * COLS; e += THREADS) {
@@ -525,6 +533,7 @@ __device__ void head_phase(const Params& p, float* sm, Progress& progress) {
             if (threadIdx.x % 32 == 0) offer_best(b, best);
           }
         }
+        if (!p.logits) publish_best(p, step, 16 * m, 16);
       });
 }
 
@@ -540,18 +549,17 @@ __global__ void __launch_bounds__(THREADS, 1) decode_step_kernel(const Params p)
   for (int step = 0; step < p.steps; ++step) {
     const int time = *p.time + step;
     for (int l = 0; l < L; ++l) {
-      qkv_phase(p, l, time, sm, progress);
+      qkv_phase(p, l, step, time, sm, progress);
       attention_phase(p, l, time, sm, progress);
-      o_phase(p, l, sm, progress);
+      o_phase(p, l, step, sm, progress);
       gate_up_phase(p, l, sm, progress);
       down_phase(p, l, sm, progress);
     }
-    head_phase(p, sm, progress);
-    if (!p.logits) {
-      publish_best(p, step);
-      grid_barrier(barrier);
-      take_tokens(p, step);
-    }
+    head_phase(p, step, sm, progress);
+  }
+  if (!p.logits && blockIdx.x < MT) {   // the last step's tokens, an m-tile a block
+    progress.wait(blockIdx.x);
+    if (threadIdx.x < 16 && 16 * blockIdx.x + threadIdx.x < B) record_last_token(p, 16 * blockIdx.x + threadIdx.x);
   }
 }
 
