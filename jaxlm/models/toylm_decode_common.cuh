@@ -86,12 +86,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ unsigned long long warp_max(unsigned long long v) {
-#pragma unroll
-  for (int o = 16; o; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 __device__ __forceinline__ void unpack(const uint4& raw, float (&out)[VEC]) {
   const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll

@@ -517,23 +517,30 @@ __device__ void down_phase(const Params& p, int l, float* sm, Progress& progress
 __device__ void head_phase(const Params& p, int step, float* sm, Progress& progress) {
   using G = HeadGemm;
   constexpr int COLS = 8 * G::NT * G::NPW;
-  static_assert(COLS % 32 == 0, "a warp's 32 logits in finish share a row");
+  static_assert(COLS / 8 * 16 == THREADS, "greedy: a thread per row and n-tile");
   gemm_phase<G>(
       V / COLS, sm, progress, [&](int n, int nt, int j) { return p.embed + (size_t)(n * COLS + (nt * G::NPW + j) * 8) * D; },
       [&](int m, T* a) { stage_normed<G::STRIDE>(p, -1, p.final_norm, m, a); },
       NothingEarly{},
       [&](int m, int n, auto sum, float) {
-        for (int e = threadIdx.x; e < 16 * COLS; e += THREADS) {
-          const int r = e / COLS, c = e % COLS, b = 16 * m + r, tile = c / 8, id = n * COLS + c;
-          const float logit = capped(p, sum(r, tile / G::NPW, tile % G::NPW, c % 8));
-          if (p.logits) {
-            if (b < B) p.logits[(size_t)b * V + id] = logit;
-          } else if (b < B) {   // warp-uniform
-            const unsigned long long best = warp_max(argmax_key(logit, id));
-            if (threadIdx.x % 32 == 0) offer_best(b, best);
+        if (p.logits) {
+          for (int e = threadIdx.x; e < 16 * COLS; e += THREADS) {
+            const int r = e / COLS, c = e % COLS, b = 16 * m + r, tile = c / 8;
+            if (b < B) p.logits[(size_t)b * V + n * COLS + c] = capped(p, sum(r, tile / G::NPW, tile % G::NPW, c % 8));
           }
+          return;
         }
-        if (!p.logits) publish_best(p, step, 16 * m, 16);
+        // Thread (tile, r) takes the 8 ids of n-tile `tile` in row r: its own maximum, then one
+        // shuffle (lanes r and r + 16) and a shared atomic per warp and row. (A warp-wide
+        // reduction per id cost ~8 us a step on an H200.)
+        const int r = threadIdx.x % 16, tile = threadIdx.x / 16, b = 16 * m + r;
+        unsigned long long best = 0;
+#pragma unroll
+        for (int c = 0; c < 8; ++c)
+          best = max(best, argmax_key(capped(p, sum(r, tile / G::NPW, tile % G::NPW, c)), n * COLS + tile * 8 + c));
+        best = max(best, __shfl_xor_sync(0xffffffffu, best, 16));
+        if (threadIdx.x % 32 < 16 && b < B) offer_best(b, best);
+        publish_best(p, step, 16 * m, 16);
       });
 }
 
