@@ -122,8 +122,11 @@ __device__ __forceinline__ int argmax_id(unsigned long long key) { return (int)(
 // step - 1 have finished on its m-tile, the rule above.
 __device__ __forceinline__ int fed_token(const Params& p, int b, int step) {
   if (step == 0) return p.tokens[b];
+  // Volatile: loaded whether or not it is used, so that both loads are in flight at once (on an
+  // H200, 0.5-1.5 us a step faster at 64 rows than loading it only when needed).
+  const unsigned long long key = *reinterpret_cast<const volatile unsigned long long*>(&p.best[(step - 1) % 3 * B + b]);
   const int before = step == 1 ? p.tokens[b] : p.greedy_tokens[b * p.steps + step - 2];
-  return before == p.eos ? p.eos : argmax_id(p.best[(step - 1) % 3 * B + b]);
+  return before == p.eos ? p.eos : argmax_id(key);
 }
 
 // Greedy, by one task per m-tile at step `step`, after the heads of step - 1 on it and before
