@@ -14,7 +14,8 @@ the last token, the context mask and the random key in its carry, donated so the
 in place. Every chunk has the same shapes, so one compile serves them all; the host only sees the
 chunk's tokens, prints them, and decides whether to go on (EOS or a stop string in every row),
 while the next chunk is already queued on the device. On an NVIDIA GPU with nvcc, batches of up
-to 64 rows run each step as one CUDA kernel (``models/toylm_decode``) instead of XLA's ~150.
+to 128 rows run each step as one CUDA kernel (``models/toylm_decode``) instead of XLA's ~150, and
+plain greedy decoding runs a whole chunk as one launch of it.
 
 Randomness: the token at time t of every row is drawn with ``fold_in(key(seed), t)``, so a seed
 gives the same text whatever the chunk size.

@@ -178,6 +178,7 @@ def test_generate_gives_the_same_tokens_through_the_kernel(monkeypatch):
     ({}, 20),
     (dict(rope_pairing="interleaved", embed_scale=True, window_includes_query=False, lm_head_logit_cap=0.0), 35),
     ({}, 1),
+    ({}, toylm_decode.MAX_MMA_ROWS),
 ])
 def test_tensor_core_build_gives_each_row_what_the_cuda_core_build_gives(overrides, rows, monkeypatch):
     """bf16 (the tensor cores take no float32): the tensor-core build on all rows against the
@@ -220,7 +221,8 @@ def test_tensor_core_build_gives_each_row_what_the_cuda_core_build_gives(overrid
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype, rows", [(jnp.float32, 2), (jnp.bfloat16, 20), (jnp.bfloat16, 1)])
+@pytest.mark.parametrize("dtype, rows", [(jnp.float32, 2), (jnp.bfloat16, 20), (jnp.bfloat16, 1),
+                                         (jnp.bfloat16, toylm_decode.MAX_MMA_ROWS)])
 def test_greedy_steps_in_one_launch_equal_a_launch_a_step(dtype, rows):
     """greedy_steps feeds each step's arg-max to the next inside the kernel. Against the same
     build a launch a step with jnp.argmax of its logits: the same tokens and bit-identical caches

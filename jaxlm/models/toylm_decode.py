@@ -43,13 +43,12 @@ from jaxlm.models.toylm import ToyLM
 _HERE = pathlib.Path(__file__).parent
 CUDA_CORE_SOURCE, TENSOR_CORE_SOURCE = _HERE / "toylm_decode.cu", _HERE / "toylm_decode_mma.cu"
 _HEADERS = (_HERE / "toylm_decode_common.cuh", _HERE / "toylm_decode_ffi.cuh")
-# Rows per build, from the H200 (crowfeather, bf16, ms a step): the tensor-core build is the faster
-# from one row (0.218 / 0.217 at 1 / 2 rows, against 0.226 / 0.234 on the CUDA cores) up to 64
-# (0.338 against XLA's 0.439). At 128 rows it led XLA by 2% (0.528 against 0.538), at 256 XLA
-# leads (0.730 against 0.894): XLA above 64. The CUDA-core build (float32) is slower than XLA's
-# step from 3 rows.
+# Rows per build, from the H200 (crowfeather, bf16, greedy, ms a step): the tensor-core build is
+# the faster from one row (0.206 at 1 row, against 0.267 on the CUDA cores in float32) up to 128
+# (0.481 against XLA's 0.533); at 256 XLA leads (0.726 against 0.808): XLA above 128. The
+# CUDA-core build (float32) is slower than XLA's step from 3 rows.
 MAX_ROWS = 2
-MAX_MMA_ROWS = 64
+MAX_MMA_ROWS = 128
 DOWN_SPLIT_MAX = 8    # the CUDA-core build splits a down-projection row over up to 8 warps
 _DTYPE_CODES = {jnp.dtype(jnp.float32): 0, jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}
 # "xla" or "cuda" forces an implementation (benchmarks and tests compare them); None chooses.
