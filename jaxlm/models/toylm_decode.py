@@ -4,7 +4,9 @@ Why: on a GPU, XLA runs ``ToyLM.decode_step`` as a chain of ~150 small dependent
 chain, not the weights (read in ~25 us on an H200), bounds decoding at small batches
 (docs/PERFORMANCE.md, "Generation"). This kernel computes the same step in one launch. It uses
 the same cache layout and gives the same logits up to rounding, so ``generate`` can use it for
-one chunk and XLA for the next. It comes in two builds:
+one chunk and XLA for the next. ``decode_step`` runs one step and returns the logits;
+``greedy_steps`` runs many greedy steps in one launch, the kernel taking each step's arg-max
+itself. It comes in two builds:
 - ``toylm_decode_mma.cu``, products on the tensor cores (``mma.sync`` on tiles of 16 rows), for
   bfloat16 and float16 models whose shapes fit its tiles, up to ``MAX_MMA_ROWS`` rows;
 - ``toylm_decode.cu``, products on the CUDA cores (a warp per output), for the others (float32)
@@ -155,10 +157,8 @@ def prepare(model) -> DecodeWeights:
 
 def decode_step(model, weights: DecodeWeights, ids_B, cache: kv_cache.KVCache):
     """``ToyLM.decode_step`` through the kernel: logits ``[B, V]`` and the cache, updated in place."""
-    rows, vocab = ids_B.shape[0], model.cfg.vocab_size
-    logits_BV, cache = _launch(model, weights, ids_B, cache, jax.ShapeDtypeStruct((rows, vocab), jnp.float32),
-                               eos_id=-1)
-    return logits_BV, cache
+    logits = jax.ShapeDtypeStruct((ids_B.shape[0], model.cfg.vocab_size), jnp.float32)
+    return _launch(model, weights, ids_B, cache, logits, eos_id=-1)
 
 
 def greedy_steps(model, weights: DecodeWeights, ids_B, cache: kv_cache.KVCache, *, steps: int, eos_id: int):

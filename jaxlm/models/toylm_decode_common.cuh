@@ -99,8 +99,9 @@ __device__ __forceinline__ void unpack(const uint4& raw, float (&out)[VEC]) {
 // EOS is fed EOS again (generate's rule: a row that produced EOS only repeats it). Each step's
 // head reduces every row's arg-max into p.best[u % 3] with atomicMax; a task that needs a fed
 // token derives it from there and from the token fed before, so no block waits for another to
-// write the tokens out. Per m-tile one writer (see record_tokens) writes them out and clears the
-// bests of a later step: three sets rotate.
+// write the tokens out. One writer per row (see record_tokens: a task per m-tile in the
+// tensor-core build, block 0 in the CUDA-core one) writes them out and clears the bests of a
+// later step: three sets rotate.
 
 // The block's best argmax_key per row so far in a head task.
 __shared__ unsigned long long block_best[B];
@@ -129,7 +130,7 @@ __device__ __forceinline__ int fed_token(const Params& p, int b, int step) {
   return before == p.eos ? p.eos : argmax_id(key);
 }
 
-// Greedy, by one task per m-tile at step `step`, after the heads of step - 1 on it and before
+// Greedy, by row b's one writer at step `step`, after the heads of step - 1 on it and before
 // the heads of this step: writes out the token chosen at step - 1 (the one fed now) and clears
 // the bests of step + 1. Their last readers fed step - 1 (they are the set of step - 2); their
 // first writers are the heads of step + 1. The bests of step 0 are cleared by begin_steps.
