@@ -182,18 +182,12 @@ __device__ void qkv_phase(const Params& p, int l, int time, float* sm, const Qkv
     if (b >= B) return;
     const Pair q(pair);
     float a = round_t(s[0][b]), c = round_t(s[1][b]);
-    if (q.which < 2) {   // rotate q and k, in float32 like layers.rope
-      float sn, cs;
-      sincosf((float)(time - p.starts[b]) * p.inv_freq[q.i], &sn, &cs);
-      const float a2 = round_t(a * cs - c * sn), c2 = round_t(c * cs + a * sn);
-      a = a2, c = c2;
-    }
+    if (q.which < 2) rotate(p, b, time, q.i, a, c);
     if (q.which == 0) {
       p.ws[WS_Q + b * D + q.d1] = a;
       p.ws[WS_Q + b * D + q.d2] = c;
     } else {
-      const int S = p.cache_size[l];
-      T* slot = (q.which == 1 ? p.k_cache[l] : p.v_cache[l]) + (((size_t)b * H + q.h) * S + time % S) * K;
+      T* slot = cache_slot(p, l, q.which, b, q.h, time);
       slot[q.d1 - q.h * K] = from_f<T>(a);
       slot[q.d2 - q.h * K] = from_f<T>(c);
     }
@@ -221,8 +215,7 @@ __device__ void attention_phase(const Params& p, int l, int time, float* sm) {
     float run_max = -1e30f, total = 0.f;
     const size_t head = ((size_t)b * H + h) * S;
     for (int slot = lo + warp; slot < hi; slot += WARPS) {
-      const int key_time = time - (time - slot) % S;
-      const bool visible = key_time >= start && (window == 0 || time - key_time < window);
+      const bool visible = key_visible(time, slot, S, start, window);
       float k[KL], v[KL], score = 0.f;
 #pragma unroll
       for (int j = 0; j < KL; ++j) {
@@ -302,9 +295,7 @@ __device__ void gate_up_phase(const Params& p, int l, float* sm, const GateUpTil
   tiles.multiply<D>(sm + SM_ACT, [&](int u, float (&s)[2][B]) {
     const int b = threadIdx.x % 32;
     if (b >= B) return;
-    const float gate = round_t(s[0][b]), up = round_t(s[1][b]);
-    const float silu = round_t(gate * round_t(1.f / (1.f + expf(-gate))));   // jax.nn.silu, in T
-    hid[b * F + u] = from_f<T>(silu * up);
+    hid[b * F + u] = swiglu(s[0][b], s[1][b]);
   });
 }
 

@@ -173,6 +173,38 @@ __device__ __forceinline__ float capped(const Params& p, float logit) {
   return p.logit_cap > 0.f ? p.logit_cap * tanhf(logit / p.logit_cap) : logit;
 }
 
+// ------------------------------------------------------------------------------- the step's numerics
+// Where both kernels compute the same value, one definition: rounded to T wherever XLA's
+// ToyLM.decode_step holds the value in T.
+
+// RoPE on a pair of q or k outputs (already rounded to T), in float32 like layers.rope.
+__device__ __forceinline__ void rotate(const Params& p, int b, int time, int i, float& x1, float& x2) {
+  float sn, cs;
+  sincosf((float)(time - p.starts[b]) * p.inv_freq[i], &sn, &cs);
+  const float r1 = round_t(x1 * cs - x2 * sn), r2 = round_t(x2 * cs + x1 * sn);
+  x1 = r1, x2 = r2;
+}
+
+// Row b's slot at `time` in layer l's cache of head h: keys (which == 1) or values (which == 2).
+__device__ __forceinline__ T* cache_slot(const Params& p, int l, int which, int b, int h, int time) {
+  const int S = p.cache_size[l];
+  return (which == 1 ? p.k_cache[l] : p.v_cache[l]) + (((size_t)b * H + h) * S + time % S) * K;
+}
+
+// Whether the key in `slot` of a ring of S slots is visible to the query at `time`: written at
+// or after the row's start and, in a sliding layer, within its window.
+__device__ __forceinline__ bool key_visible(int time, int slot, int S, int start, int window) {
+  const int key_time = time - (time - slot) % S;
+  return key_time >= start && (window == 0 || time - key_time < window);
+}
+
+// One hidden unit of the MLP product from its gate and up sums: SiLU(gate) * up as jax.nn.silu.
+__device__ __forceinline__ T swiglu(float gate_sum, float up_sum) {
+  const float gate = round_t(gate_sum), up = round_t(up_sum);
+  const float silu = round_t(gate * round_t(1.f / (1.f + expf(-gate))));
+  return from_f<T>(silu * up);
+}
+
 __device__ __forceinline__ const uint4* row_of(const T* matrix, size_t row, int length) {
   return reinterpret_cast<const uint4*>(matrix + row * length);
 }

@@ -289,18 +289,12 @@ __device__ void qkv_phase(const Params& p, int l, int step, int time, float* sm,
           if (b >= B) continue;
           const int d1 = INTERLEAVED ? 2 * i : i, d2 = INTERLEAVED ? d1 + 1 : d1 + K / 2;
           float x1 = round_t(sum(r, d1 / 8, 0, d1 % 8)), x2 = round_t(sum(r, d2 / 8, 0, d2 % 8));
-          if (which < 2) {   // rotate q and k, in float32 like layers.rope
-            float sn, cs;
-            sincosf((float)(time - p.starts[b]) * p.inv_freq[i], &sn, &cs);
-            const float r1 = round_t(x1 * cs - x2 * sn), r2 = round_t(x2 * cs + x1 * sn);
-            x1 = r1, x2 = r2;
-          }
+          if (which < 2) rotate(p, b, time, i, x1, x2);
           if (which == 0) {
             p.ws[WS_Q + b * D + h * K + d1] = x1;
             p.ws[WS_Q + b * D + h * K + d2] = x2;
           } else {
-            const int S = p.cache_size[l];
-            T* slot = (which == 1 ? p.k_cache[l] : p.v_cache[l]) + (((size_t)b * H + h) * S + time % S) * K;
+            T* slot = cache_slot(p, l, which, b, h, time);
             slot[d1] = from_f<T>(x1);
             slot[d2] = from_f<T>(x2);
           }
@@ -344,8 +338,8 @@ struct Attention {
   float run_max = -1e30f, total = 0.f, acc[KP][2] = {};
 
   __device__ __forceinline__ void add(const Chunk& chunk, int s0) {
-    const int lane = threadIdx.x % 32, slot = min(s0 + lane, hi - 1), key_time = time - (time - slot) % S;
-    const bool visible = s0 + lane < hi && key_time >= start && (window == 0 || time - key_time < window);
+    const int lane = threadIdx.x % 32, slot = min(s0 + lane, hi - 1);
+    const bool visible = s0 + lane < hi && key_visible(time, slot, S, start, window);
     float score = 0.f;
 #pragma unroll
     for (int c = 0; c < K / VEC; ++c) {
@@ -500,9 +494,7 @@ __device__ void gate_up_phase(const Params& p, int l, float* sm, Progress& progr
         for (int e = threadIdx.x; e < 16 * G::NT * 8; e += THREADS) {
           const int r = e / (G::NT * 8), c = e % (G::NT * 8), b = 16 * m + r;
           if (b >= B) continue;
-          const float gate = round_t(sum(r, c / 8, 0, c % 8)), up = round_t(sum(r, c / 8, 1, c % 8));
-          const float silu = round_t(gate * round_t(1.f / (1.f + expf(-gate))));   // jax.nn.silu, in T
-          hid[b * F + n * G::NT * 8 + c] = from_f<T>(silu * up);
+          hid[b * F + n * G::NT * 8 + c] = swiglu(sum(r, c / 8, 0, c % 8), sum(r, c / 8, 1, c % 8));
         }
       });
 }
