@@ -1,17 +1,46 @@
-"""The family registry: family name -> (config class, model class).
+"""The family registry: family name -> :class:`jaxlm.models.family.Family`.
 
-Adding a family means one model file and one line here; train, checkpoint and the
-converter look families up by name and need nothing else.
+Generic code looks families up here by name and calls them only through the contract in
+``family.py``. A built-in family is one package under ``jaxlm/models/`` and one line in
+``_BUILT_IN``; any other (a user's, a test's) calls :func:`register` with its ``Family``.
 """
 
 from __future__ import annotations
 
-from jaxlm.errors import ConfigError
-from jaxlm.models import toylm
+import importlib
 
-FAMILIES = {
-    "toylm": (toylm.ToyLMConfig, toylm.ToyLM),
+from jaxlm.errors import ConfigError
+from jaxlm.models.family import Family
+
+# Packages whose ``FAMILY`` is registered on first use (imported lazily: a family's code is
+# loaded only when a config or checkpoint of it is met).
+_BUILT_IN = {
+    "toylm": "jaxlm.models.toylm",
 }
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Make ``family`` known by its name (again: the newer definition wins)."""
+    FAMILIES[family.name] = family
+    return family
+
+
+def get(name: str) -> Family:
+    if name not in FAMILIES and name in _BUILT_IN:
+        register(importlib.import_module(_BUILT_IN[name]).FAMILY)
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ConfigError(f"unknown model family {name!r}; known: {', '.join(names())}") from None
+
+
+def names() -> list[str]:
+    return sorted(set(_BUILT_IN) | set(FAMILIES))
+
+
+def all_families() -> list[Family]:
+    return [get(name) for name in names()]
 
 
 def family_of(model_cfg) -> str:
@@ -19,16 +48,12 @@ def family_of(model_cfg) -> str:
 
 
 def config_class(family: str):
-    try:
-        return FAMILIES[family][0]
-    except KeyError:
-        raise ConfigError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}") from None
+    return get(family).config
 
 
 def build_model(model_cfg, *, rngs, dtype):
     """Instantiate the model class of ``model_cfg``'s family."""
-    _, model_cls = FAMILIES[family_of(model_cfg)]
-    return model_cls(model_cfg, rngs=rngs, dtype=dtype)
+    return get(family_of(model_cfg)).model(model_cfg, rngs=rngs, dtype=dtype)
 
 
 def config_from_dict(data: dict):

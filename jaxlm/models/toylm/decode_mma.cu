@@ -19,7 +19,7 @@
 // same offset and feeds them to two mma k-steps. This permutes the inputs within every 32, the
 // same way for both operands, so each dot product is unchanged.
 
-#include "toylm_decode_common.cuh"
+#include "decode_common.cuh"
 
 static_assert(sizeof(T) == 2, "the tensor-core products take bfloat16 or float16");
 static_assert(D % 32 == 0 && F % 64 == 0 && V % 128 == 0, "inputs in 32s, outputs in tiles");
@@ -562,4 +562,4 @@ __global__ void __launch_bounds__(THREADS, 1) decode_step_kernel(const Params p)
   }
 }
 
-#include "toylm_decode_ffi.cuh"
+#include "decode_ffi.cuh"

@@ -16,7 +16,7 @@
 // one library per model shape and batch). Weight matrices come transposed, [out, in], so that
 // each output is one warp's dot product over a contiguous row.
 
-#include "toylm_decode_common.cuh"
+#include "decode_common.cuh"
 
 constexpr int NS = NB / (B * H) > 0 ? NB / (B * H) : 1;   // attention splits per (row, head)
 constexpr int TASKS = B * H * NS;
@@ -386,4 +386,4 @@ __global__ void __launch_bounds__(THREADS, 1) decode_step_kernel(const Params p)
     for (int b = threadIdx.x; b < B; b += THREADS) record_last_token(p, b);
 }
 
-#include "toylm_decode_ffi.cuh"
+#include "decode_ffi.cuh"

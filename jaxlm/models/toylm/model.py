@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxlm import config as C
 from jaxlm.errors import ConfigError
-from jaxlm.models import kv_cache, layers
+from jaxlm.models import family, kv_cache, layers
 
 
 # Hashable because the model keeps its config as static graph data, which jit hashes;
@@ -46,6 +46,7 @@ class ToyLMConfig:
     norm_eps: float = 1e-5
 
     family = "toylm"
+    SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "mlp_hidden")
 
     def validate(self) -> None:
         C.positive(self, "vocab_size", "dim", "n_layers", "n_heads", "head_dim", "mlp_hidden",
@@ -80,6 +81,9 @@ class ToyLMConfig:
     def layer_kinds(self) -> list[str]:
         return ["global" if self.layer_window(i) is None else "sliding" for i in range(self.n_layers)]
 
+    def loss_terms(self) -> family.HeadLoss:
+        return family.HeadLoss(z_weight=self.z_loss_weight, z_form=self.z_loss_form)
+
     # ---- counting
 
     def param_count(self) -> int:
@@ -104,6 +108,9 @@ class ToyLMConfig:
         for i in range(self.n_layers):
             flops += 12.0 * self.n_heads * self.head_dim * mean_keys_per_query(seq_len, self.layer_window(i))
         return flops
+
+    def flops_note(self) -> str:
+        return ""
 
 
 def mean_keys_per_query(seq_len: int, window: int | None) -> float:
