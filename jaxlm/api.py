@@ -1,7 +1,8 @@
 """``jaxlm.load(path)``: a ready model from any checkpoint jaxlm reads.
 
     import jaxlm
-    lm = jaxlm.load("step_017500.pt")          # .pt / .safetensors / export / run dir / checkpoints/<step>
+    lm = jaxlm.load("step_017500.pt")          # .pt / .safetensors / HF dir / export / run dir / checkpoints/<step>
+    lm = jaxlm.load("Org/Repo", filename="step_017500.pt")   # or "hf://Org/Repo/step_017500.pt": the Hub
     logits = lm(ids)                           # float32 [B, T, V] (soft-capped), ids int [B, T]
     lm.cfg                                     # the model config (e.g. ToyLMConfig)
     lm.tokenizer                               # tokenizers.Tokenizer from tokenizer.json beside it, or None
@@ -87,15 +88,19 @@ def model_from_params(model_cfg, params: dict[str, np.ndarray], *, dtype=jnp.flo
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
-def load(path, *, dtype: str = "float32", tokenizer=None, key_map=None, overrides=()) -> LoadedModel:
+def load(path, *, filename: str | None = None, dtype: str = "float32", tokenizer=None, key_map=None, overrides=(),
+         family: str | None = None) -> LoadedModel:
     """A ready model from ``path``: an Orbax directory (a run's out_dir, its ``checkpoints/<step>``, an
-    inference export or a ``to-orbax`` export) or a native ``.pt`` / ``.safetensors`` file.
+    inference export or a ``to-orbax`` export), a native ``.pt`` / ``.safetensors`` file, a Hugging Face
+    directory (config.json + model.safetensors, sharded or not), or a Hub id: ``"Org/Repo"`` with
+    ``filename="step_017500.pt"`` (or none: the repository's files), or ``"hf://Org/Repo/step_017500.pt"``.
 
-    ``key_map`` / ``overrides`` as for the converter (``{their_name: our_path}``, ``["rope_theta=500000"]``).
+    ``key_map`` / ``overrides`` as for the converter (``{their_name: our_path}``, ``["rope_theta=500000"]``);
+    ``family``: read a foreign file as this family's instead of asking every family's claim.
     """
     from jaxlm import formats
-    path = pathlib.Path(path).expanduser()
-    conv = formats.read_checkpoint(path, key_map=key_map, overrides=overrides, with_optimizer=False)
+    path = formats.resolve(path, filename)
+    conv = formats.read_checkpoint(path, key_map=key_map, overrides=overrides, with_optimizer=False, family=family)
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(dtype)
     if compute is None:
         raise CheckpointError(f"dtype {dtype!r}: allowed 'float32', 'bfloat16'")

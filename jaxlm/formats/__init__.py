@@ -9,9 +9,11 @@ Everything here works without torch installed, so ``jaxlm.load`` works from a pl
     formats.save_export(conv, "crowfeather_jax/")       # Orbax: for jaxlm.load and --init_from
 
 Files: ``torch_pt`` (the .pt container and its restricted unpickler), ``safetensors_file``,
-``skeleton`` (a file's non-tensor structure as JSON), ``<family>.py`` (PyTorch names <-> jaxlm
-paths, cfg <-> config; ``toylm.py``), ``optimizer_state`` (torch optimizer <-> slots <-> optax),
-``converted`` (the assembly), ``orbax_export``, ``run_dir``, ``train_state`` (``--init_from``).
+``hf_layout`` (config.json + model.safetensors, sharded or not), ``hub`` (Hub ids -> local files),
+``skeleton`` (a file's non-tensor structure as JSON), ``keymap`` (the generic key mapping and the
+naming-module protocol), one naming module per family (PyTorch names <-> jaxlm paths, cfg <->
+config; ``toylm.py``), ``optimizer_state`` (torch optimizer <-> slots <-> optax), ``converted``
+(the assembly), ``orbax_export``, ``run_dir``, ``train_state`` (``--init_from``).
 """
 
 from __future__ import annotations
@@ -20,42 +22,47 @@ import pathlib
 
 from jaxlm.errors import CheckpointError
 from jaxlm.formats.converted import Converted, apply_overrides, read_file, to_torch_object, write_file
+from jaxlm.formats.hub import resolve
+from jaxlm.formats.keymap import as_key_map
 
 
-def _key_map(key_map):
-    if key_map is None or isinstance(key_map, dict):
-        return key_map
-    from jaxlm.formats.toylm import load_key_map
-    return load_key_map(key_map)
-
-
-def read_checkpoint(path, *, key_map=None, overrides=(), with_optimizer: bool = True) -> Converted:
+def read_checkpoint(path, *, key_map=None, overrides=(), with_optimizer: bool = True, filename: str | None = None,
+                    family: str | None = None) -> Converted:
     """Any checkpoint jaxlm reads, in jaxlm's form.
 
-    ``key_map``: a dict or a JSON file path ``{their_name_or_regex: our_path}``; ``overrides``:
-    ``FIELD=VALUE`` strings for the model config (e.g. ``rope_pairing=interleaved``).
+    ``path``: a file, a directory (jaxlm export or run, Hugging Face layout) or a Hub id (``Org/Repo``
+    with ``filename=``, or ``hf://Org/Repo/FILE``; see ``hub.resolve``). ``key_map``: a dict or a
+    JSON file path ``{their_name_or_regex: our_path}``; ``overrides``: ``FIELD=VALUE`` strings for
+    the model config (e.g. ``rope_pairing=interleaved``); ``family``: read a foreign file as this
+    family's instead of asking every family's claim.
     """
-    path = pathlib.Path(path).expanduser()
+    path = resolve(path, filename)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    key_map = as_key_map(key_map)
     if path.is_file():
-        return read_file(path, key_map=_key_map(key_map), overrides=overrides, weights_only=not with_optimizer)
-    from jaxlm.formats import orbax_export, run_dir
+        return read_file(path, key_map=key_map, overrides=overrides, weights_only=not with_optimizer, family=family)
+    from jaxlm.formats import hf_layout, orbax_export, run_dir
     if orbax_export.is_export(path):
         return apply_overrides(orbax_export.load(path, with_optimizer=with_optimizer), overrides)
     if run_dir.locate(path) is not None:
         return apply_overrides(run_dir.load(path, with_optimizer=with_optimizer), overrides)
     if run_dir.is_inference_export(path):
         return apply_overrides(run_dir.load_inference_export(path), overrides)
+    if hf_layout.is_hf_dir(path):
+        from jaxlm.formats.converted import read_hf_dir
+        return read_hf_dir(path, key_map=key_map, overrides=overrides, family=family)
     weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.pt"))
-    if len(weights) == 1:  # a Hugging Face style folder: model.safetensors + config.json
-        return read_file(weights[0], key_map=_key_map(key_map), overrides=overrides, weights_only=not with_optimizer)
-    raise CheckpointError(f"{path}: not a checkpoint directory (no jaxlm export, run, or single "
-                          ".safetensors/.pt file inside)")
+    if len(weights) == 1:  # a folder with one checkpoint file (and perhaps its config.json)
+        return read_file(weights[0], key_map=key_map, overrides=overrides, weights_only=not with_optimizer,
+                         family=family)
+    raise CheckpointError(f"{path}: not a checkpoint directory (no jaxlm export or run, no config.json with "
+                          "model.safetensors or model.safetensors.index.json, no single .safetensors/.pt file)")
 
 
 def write_checkpoint(conv: Converted, path, **kwargs) -> pathlib.Path:
-    """A ``.pt`` or ``.safetensors`` file (see :func:`jaxlm.formats.converted.write_file`)."""
+    """A ``.pt`` or ``.safetensors`` file, or with ``layout="hf"`` (or a path without a suffix) a Hugging
+    Face directory, sharded with ``max_shard_size="2GB"`` (see :func:`jaxlm.formats.converted.write_file`)."""
     return write_file(conv, path, **kwargs)
 
 
@@ -70,5 +77,5 @@ def init_train_state(source, cfg, state, **kwargs):
     return init(source, cfg, state, **kwargs)
 
 
-__all__ = ["CheckpointError", "Converted", "init_train_state", "read_checkpoint", "save_export", "to_torch_object",
-           "write_checkpoint"]
+__all__ = ["CheckpointError", "Converted", "init_train_state", "read_checkpoint", "resolve", "save_export",
+           "to_torch_object", "write_checkpoint"]

@@ -8,8 +8,10 @@ dtypes, the optimizer's param groups, the foreign cfg) so that writing it back r
 file's structure and, unless training changed them, every tensor bit for bit.
 
 Reading a ``.pt`` goes: find the parts of the dict (state_dict, cfg, step, optimizers) ->
-name every key (``formats/<family>.py``) -> build the config from cfg fields and tensor shapes
--> check every parameter is filled with the right shape -> transpose/split into jaxlm arrays.
+pick the family whose naming module claims the keys and cfg (``keymap.choose``) -> build the config from cfg fields and tensor shapes
+-> name every key (the family's plan) -> check every parameter is filled with the right shape ->
+transpose/split/stack into jaxlm arrays. Families are reached only through their naming modules
+(the protocol in ``keymap.py``), found through the registry in ``jaxlm.models``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import collections
 import dataclasses
 import json
 import pathlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -26,10 +29,7 @@ import numpy as np
 
 from jaxlm.errors import CheckpointError
 from jaxlm.formats import optimizer_state as opt_io
-from jaxlm.formats import safetensors_file, skeleton, torch_pt
-from jaxlm.formats import toylm as toylm_names
-
-FAMILY_NAMES = {"toylm": toylm_names}  # family -> its PyTorch naming module
+from jaxlm.formats import keymap, safetensors_file, skeleton, torch_pt
 
 MODEL_KEYS = ("model", "model_state_dict", "state_dict", "model_state", "module", "net", "weights", "params")
 CFG_KEYS = ("cfg", "config", "model_args", "model_config", "model_cfg", "args", "hparams", "hyper_parameters",
@@ -116,13 +116,13 @@ def cast(array: np.ndarray, dtype_name: str | None) -> np.ndarray:
     return np.asarray(array).astype(_np_dtype(dtype_name))
 
 
-def _torch_tensor(names, entry, flat: dict, dtype_name: str | None, lazy: bool):
+def _torch_tensor(entry, flat: dict, dtype_name: str | None, lazy: bool):
     """One PyTorch tensor from jaxlm arrays; ``lazy``: computed only when the writer needs its bytes."""
     if not lazy:
-        return cast(names.to_torch(entry, flat), dtype_name)
-    shape = names.expected_torch_shape(entry, {t: tuple(flat[t].shape) for t in entry.targets})
+        return cast(keymap.to_torch(entry, flat), dtype_name)
+    shape = keymap.expected_torch_shape(entry, {t: tuple(flat[t].shape) for t in entry.targets})
     dtype = _np_dtype(dtype_name) if dtype_name else flat[entry.targets[0]].dtype
-    return torch_pt.LazyTensor(shape, dtype, lambda: cast(names.to_torch(entry, flat), dtype_name))
+    return torch_pt.LazyTensor(shape, dtype, lambda: cast(keymap.to_torch(entry, flat), dtype_name))
 
 
 def apply_overrides(conv: Converted, overrides) -> Converted:
@@ -160,7 +160,8 @@ class Analysis:
 
     source: str
     top: Any
-    family: str = "toylm"
+    family: str = ""                                # set by the family's claim (keymap.choose)
+    claims: list = dataclasses.field(default_factory=list)  # (score, family, reason), best first
     model_key: str | None = None
     cfg_key: str | None = None
     step_key: str | None = None
@@ -204,6 +205,11 @@ def _looks_like_state_dict(value) -> bool:
     return isinstance(value, dict) and bool(value) and all(_is_array(v) for v in value.values())
 
 
+# A field name any model config has in some spelling (dim, n_embd, hidden_size, n_layers, vocab_size, ...):
+# a cfg without one but with a sub-dict that has them is a whole training config.
+_MODEL_FIELD = re.compile(r"^(?:dim|d_model|n_embd|hidden_size|vocab_size|n_layers?|num_(?:hidden_)?layers)$")
+
+
 def find_parts(top, source: str) -> Analysis:
     """Which top-level keys hold the state_dict, cfg, step and optimizer state."""
     an = Analysis(source=source, top=top)
@@ -214,9 +220,9 @@ def find_parts(top, source: str) -> Analysis:
         an.notes.append("the file is a bare state_dict (no cfg, step or optimizer)")
     else:
         an.model_key = next((k for k in MODEL_KEYS if _looks_like_state_dict(top.get(k))), None)
-        if an.model_key is None:
-            an.model_key = next((k for k, v in top.items() if _looks_like_state_dict(v)
-                                 and any(toylm_names.role_of(toylm_names.strip_prefixes(n), 2) for n in v)), None)
+        if an.model_key is None:  # under another name: the largest dict of tensors
+            found = [k for k, v in top.items() if _looks_like_state_dict(v)]
+            an.model_key = max(found, key=lambda k: len(top[k]), default=None)
         if an.model_key is None:
             raise CheckpointError(f"{source}: no model state_dict in it (top-level keys: {', '.join(map(str, top))})")
         an.state_dict = top[an.model_key]
@@ -230,10 +236,10 @@ def find_parts(top, source: str) -> Analysis:
     if an.cfg_key is not None:
         an.cfg_fields, an.cfg_class = _cfg_fields(top[an.cfg_key])
         # A whole training config may nest the model's fields one level down.
-        if not any(k in an.cfg_fields or k in toylm_names.SYNONYMS for k in ("dim", "n_layers", "vocab_size")):
+        if not any(_MODEL_FIELD.search(str(k)) for k in an.cfg_fields):
             for key, value in an.cfg_fields.items():
                 nested, origin = _cfg_fields(value)
-                if "dim" in nested or "n_layers" in nested:
+                if any(_MODEL_FIELD.search(str(k)) for k in nested):
                     an.notes.append(f"model fields taken from cfg.{key}")
                     an.cfg_fields = {**{k: v for k, v in an.cfg_fields.items() if k != key}, **nested}
                     an.cfg_class = origin or an.cfg_class
@@ -245,69 +251,87 @@ def find_parts(top, source: str) -> Analysis:
     return an
 
 
-def analyze(top, source: str, *, key_map=None, overrides=()) -> Analysis:
+def analyze(top, source: str, *, key_map=None, overrides=(), family: str | None = None) -> Analysis:
     """Everything ``inspect`` shows; conversion stops at the first entry of ``problems``."""
     an = find_parts(top, source)
-    names = FAMILY_NAMES[an.family]
-    an.plan = names.plan_keys(an.shapes, key_map)
-    an.notes += an.plan.notes
-    dims = names.dims_from_tensors(an.plan, an.shapes)
+    key_map = keymap.as_key_map(key_map)
+    fields = {**an.cfg_fields, **an.conventions}
+    names, an.claims = keymap.choose(an.shapes, fields, source, family=family, key_map=key_map)
+    an.family = names.FAMILY
+    if an.claims:
+        an.notes.append(f"family {an.family}: {an.claims[0][2]}"
+                        + "".join(f"; {n} {s:.2f}" for s, n, _ in an.claims[1:3]))
     if an.cfg_key is None:
         an.notes.append("no cfg in the file: the shape was inferred from the tensors")
-    found = names.rope_theta_from_buffers(an.plan, an.state_dict)
-    if found and "rope_theta" not in an.cfg_fields and "rope_theta" not in an.conventions:
-        an.hinted["rope_theta"] = found[0]
-        an.notes.append(f"rope_theta = {found[0]:g}, read off the {found[1]} buffer")
+    if hasattr(names, "hints"):
+        hinted, hint_notes = names.hints(an.state_dict)
+        an.hinted = {k: v for k, v in hinted.items() if k not in fields}
+        an.notes += [n for n in hint_notes if any(k in n for k in an.hinted)]
     try:
-        an.model_cfg, an.cfg_report = names.config_from_fields({**an.cfg_fields, **an.conventions, **an.hinted}, dims,
-                                                              overrides, source)
+        an.model_cfg, an.cfg_report = names.config_from_fields({**fields, **an.hinted}, an.shapes, source,
+                                                              overrides)
         an.param_shapes = param_shapes(an.model_cfg)
-        names.check_plan(an.plan, an.shapes, an.param_shapes, source)
     except CheckpointError as error:
         an.problems.append(str(error))
+    if an.model_cfg is not None or hasattr(names, "plan"):
+        an.plan = _plan(names, an.shapes, key_map, an.model_cfg)
+        an.notes += an.plan.notes
     if not an.problems:
         try:
-            _check_tied(an)
+            keymap.check_plan(an.plan, an.shapes, an.param_shapes, source, keymap.display(names))
+            _check_tied(an, keymap.display(names))
         except CheckpointError as error:
             an.problems.append(str(error))
     return an
 
 
-def _check_tied(an: Analysis) -> None:
-    embed = next((e for e in an.plan.entries if e.kind == "param" and "embed/embedding" in e.targets), None)
+def _plan(names, shapes, key_map, model_cfg) -> keymap.Plan:
+    if hasattr(names, "plan"):
+        return names.plan(shapes, key_map, model_cfg)
+    return keymap.plan_from_entries(names.entries(model_cfg), shapes, key_map, naming=names.FAMILY)
+
+
+def _check_tied(an: Analysis, family: str) -> None:
+    """A tied key must equal the parameter it is tied to (then it is dropped, and written back as it)."""
     for entry in an.plan.entries:
         if entry.kind != "tied":
             continue
-        head, table = an.state_dict[entry.name], an.state_dict[embed.name] if embed else None
+        source = next((e for e in an.plan.entries if e.kind == "param" and e.targets == entry.targets), None)
+        head, table = an.state_dict[entry.name], an.state_dict[source.name] if source else None
         same = (table is not None and head.shape == table.shape and head.dtype == table.dtype
                 and np.array_equal(head.view(np.uint8), table.view(np.uint8)))
+        what = "the embedding" if source is None or source.role == "embed" else source.name
         if not same:
             raise CheckpointError(
-                f"{an.source}: {entry.name} differs from the embedding {embed.name if embed else ''}, but ToyLM ties "
-                "its output head to the embedding; this is not a ToyLM checkpoint (or map the key with --key-map)")
-        an.notes.append(f"tied head {entry.name} equals the embedding: dropped (written back on the way out)")
+                f"{an.source}: {entry.name} differs from {what} {source.name if source else ''}, but {family} ties "
+                f"it to {', '.join(entry.targets)}; this is not a {family} checkpoint (or map the key with --key-map)")
+        an.notes.append(f"tied {entry.role or 'key'} {entry.name} equals {what}: dropped (written back on the way out)")
 
 
 # ----------------------------------------------------------------------------- torch -> jaxlm
 
 
-def from_torch_object(top, source: str, *, key_map=None, overrides=(), weights_only: bool = False) -> Converted:
-    """A ``torch.load``-shaped object (from :func:`torch_pt.load`) in jaxlm's form, with its layout."""
-    an = analyze(top, source, key_map=key_map, overrides=overrides)
+def from_torch_object(top, source: str, *, key_map=None, overrides=(), weights_only: bool = False,
+                      family: str | None = None) -> Converted:
+    """A ``torch.load``-shaped object (from :func:`torch_pt.load`) in jaxlm's form, with its layout.
+
+    ``family``: read it as this family's checkpoint instead of asking every family's claim."""
+    an = analyze(top, source, key_map=key_map, overrides=overrides, family=family)
     if an.problems:
         raise CheckpointError(an.problems[0])
-    names = FAMILY_NAMES[an.family]
-    params: dict[str, np.ndarray] = {}
+    names = keymap.naming_module(an.family)
+    assembler = keymap.Assembler(an.param_shapes)
     extras: dict[str, np.ndarray] = {}
     model_keys = []
     for entry in an.plan.entries:
         array = an.state_dict[entry.name]
         record = {**dataclasses.asdict(entry), "dtype": _dtype_name(array)}
-        if entry.kind == "param":
-            params.update(names.to_flax(entry, array, an.param_shapes))
+        if entry.kind in ("param", "stack"):
+            assembler.add(entry, array)
         elif entry.kind in ("buffer", "kept"):
             record["extra"] = _add_extra(extras, array)
         model_keys.append(record)
+    params = assembler.result()
     notes = list(an.notes)
     report = dataclasses.asdict(an.cfg_report)
     if report["ignored"]:
@@ -321,14 +345,18 @@ def from_torch_object(top, source: str, *, key_map=None, overrides=(), weights_o
     slots: dict[str, dict[str, np.ndarray]] = {}
     encoded_optimizers = {}
     if optimizers:
-        infos = [opt_io.ParamInfo(e.name, an.shapes[e.name], e.role) for e in an.plan.entries if e.kind == "param"]
+        infos = [opt_io.ParamInfo(e.name, an.shapes[e.name], e.role) for e in an.plan.entries
+                 if e.kind in ("param", "stack")]
         by_name = {e.name: e for e in an.plan.entries}
         adam_step = opt_io.global_step_of([o for _, o in optimizers])
         step = step if step is not None else adam_step
+        slot_parts: dict[str, keymap.Assembler] = {}
         for _, opt in optimizers:
-            mapping = opt_io.assign_params(opt, infos, names.strip_prefixes, source)
-            encoded_optimizers[id(opt)] = _encode_optimizer(opt, mapping, by_name, an.param_shapes, names,
-                                                            slots, extras, step or 0)
+            mapping = opt_io.assign_params(opt, infos, keymap.strip_prefixes, source)
+            encoded_optimizers[id(opt)] = _encode_optimizer(opt, mapping, by_name, an.param_shapes,
+                                                            slot_parts, extras, step or 0)
+        # A stacked parameter's moments count only when every stacked key has them.
+        slots = {slot: parts.result(strict=False) for slot, parts in slot_parts.items()}
         notes.append(f"optimizer state converted ({', '.join(f'{s}: {len(v)}' for s, v in slots.items())} "
                      f"tensors) at step {step}")
     elif an.optimizer_keys and weights_only:
@@ -361,11 +389,11 @@ def from_torch_object(top, source: str, *, key_map=None, overrides=(), weights_o
     layout = {
         "format": "torch",
         "bare": an.model_key is None,
-        "family_naming": an.plan.family,
+        "family_naming": an.plan.naming,
         "top": top_skeleton,
         "model_keys": model_keys,
         # What the file itself implies; conventions set later (--set, a probe's finding) are written back.
-        "conventions": names.conventions_in_fields({**an.cfg_fields, **an.conventions, **an.hinted}),
+        "conventions": _conventions_in(names, {**an.cfg_fields, **an.conventions, **an.hinted}),
         "cfg": {"fields": skeleton.encode(dict(an.cfg_fields), lambda o, p: skeleton.NOT_HANDLED)
                 if an.cfg_key is not None else None,
                 "class": an.cfg_class,
@@ -397,7 +425,26 @@ def _add_extra(extras: dict, array: np.ndarray) -> str:
     return name
 
 
-def _encode_optimizer(opt, mapping, entries, shapes, names, slots, extras, step) -> dict:
+def _conventions_in(names, fields: dict) -> dict:
+    return names.conventions_in_fields(fields) if hasattr(names, "conventions_in_fields") else {}
+
+
+def _conventions_for(names, cfg, original, baseline=None) -> dict:
+    return names.conventions_for_torch(cfg, original, baseline) if hasattr(names, "conventions_for_torch") else {}
+
+
+def _entries(names, cfg, naming: str | None) -> list[keymap.KeyEntry]:
+    """The family's layout for writing: its default, or the key naming ``naming`` (``to-torch --naming``)."""
+    if naming is None:
+        return names.entries(cfg)
+    namings = getattr(names, "NAMINGS", {})
+    if naming not in namings:
+        raise CheckpointError(f"naming {naming!r}: the {names.FAMILY} family writes "
+                              f"{', '.join(namings) or 'only its own key names'}")
+    return names.entries(cfg, naming)
+
+
+def _encode_optimizer(opt, mapping, entries, shapes, slots, extras, step) -> dict:
     """An optimizer state_dict's skeleton; its per-parameter moments go into ``slots``."""
 
     def hook(obj, path):
@@ -408,7 +455,7 @@ def _encode_optimizer(opt, mapping, entries, shapes, names, slots, extras, step)
             key = parts[2]
             if info is not None and _is_array(obj) and key in opt_io.SLOT_NAMES and tuple(obj.shape) == tuple(info.shape):
                 slot = opt_io.SLOT_NAMES[key]
-                slots.setdefault(slot, {}).update(names.to_flax(entries[info.name], obj, shapes))
+                slots.setdefault(slot, keymap.Assembler(shapes)).add(entries[info.name], obj)
                 return {"~slot": {"slot": slot, "param": info.name, "dtype": _dtype_name(obj)}}
             if key in opt_io.STEP_NAMES and _as_step(obj) is not None:
                 kind = _dtype_name(obj) if _is_array(obj) else type(obj).__name__
@@ -439,43 +486,47 @@ def to_torch_object(conv: Converted, *, naming: str | None = None, dtype: str | 
     each tensor gets the dtype it had in the original file (bf16), or keeps its own. ``lazy``: tensors
     are :class:`torch_pt.LazyTensor` computed as the writer reaches them (one in memory at a time).
     """
-    names = FAMILY_NAMES[conv.family]
-    if conv.layout and conv.layout.get("format") == "torch" and naming is None:
+    names = keymap.naming_module(conv.family)
+    if conv.layout and conv.layout.get("format") in ("torch", "hf") and naming is None:
         return _to_original_layout(conv, names, dtype, lrs, lazy)
-    return _to_card_layout(conv, names, naming or "hf", dtype, optim_cfg, lrs, lazy)
+    return _to_card_layout(conv, names, naming, dtype, optim_cfg, lrs, lazy)
 
 
-def _layout_entries(names, model_keys) -> list[tuple[Any, str | None, str | None]]:
+def _layout_entries(model_keys) -> list[tuple[Any, str | None, str | None]]:
     """(KeyEntry, stored dtype, extra name) of each stored state_dict key."""
-    fields = ("name", "kind", "targets", "transpose", "role")
-    return [(names.KeyEntry(**{k: record[k] for k in fields}), record.get("dtype"), record.get("extra"))
-            for record in model_keys]
+    entries = [keymap.KeyEntry.from_record(record) for record in model_keys]
+    embed = next((e.targets for e in entries if e.kind == "param" and e.role == "embed"), [])
+    for entry in entries:  # layouts stored before tied entries named their target: the embedding
+        if entry.kind == "tied" and not entry.targets:
+            entry.targets = list(embed)
+    return [(e, record.get("dtype"), record.get("extra")) for e, record in zip(entries, model_keys)]
 
 
-def _model_state_dict(conv: Converted, entries, names, dtype: str | None, odict: bool = True,
+def _model_state_dict(conv: Converted, entries, dtype: str | None, odict: bool = True,
                       lazy: bool = False) -> dict:
-    """The PyTorch state_dict; a tied head is the embedding's own array, so both share one storage."""
+    """The PyTorch state_dict; a tied key is its target's own tensor, so both share one storage."""
     sd = collections.OrderedDict() if odict else {}
-    embedding = None
+    by_targets, tied = {}, {}
     for entry, stored_dtype, extra in entries:
-        if entry.kind == "param":
-            sd[entry.name] = _torch_tensor(names, entry, conv.params, dtype or stored_dtype, lazy)
-            if entry.targets == ["embed/embedding"]:
-                embedding = sd[entry.name]
+        if entry.kind in ("param", "stack"):
+            sd[entry.name] = _torch_tensor(entry, conv.params, dtype or stored_dtype, lazy)
+            if entry.kind == "param":
+                by_targets.setdefault(tuple(entry.targets), entry.name)
         elif entry.kind == "tied":
-            sd[entry.name] = None
+            sd[entry.name], tied[entry.name] = None, tuple(entry.targets)
         else:
             sd[entry.name] = conv.extras[extra]
-    for name, array in sd.items():
-        if array is None:
-            sd[name] = embedding
+    for name, targets in tied.items():
+        if targets not in by_targets:
+            raise CheckpointError(f"{name} is tied to {', '.join(targets)}, which no written key holds")
+        sd[name] = sd[by_targets[targets]]
     return sd
 
 
 def _to_original_layout(conv: Converted, names, dtype, lrs, lazy) -> dict:
     layout = conv.layout
-    entries = _layout_entries(names, layout["model_keys"])
-    sd = _model_state_dict(conv, entries, names, dtype, lazy=lazy)
+    entries = _layout_entries(layout["model_keys"])
+    sd = _model_state_dict(conv, entries, dtype, lazy=lazy)
     if layout.get("bare"):
         return sd
     cfg_info = layout.get("cfg") or {}
@@ -496,17 +547,17 @@ def _to_original_layout(conv: Converted, names, dtype, lrs, lazy) -> dict:
         if tag == "~cfg":
             return cfg_value
         if tag == "~conventions":
-            return names.conventions_for_torch(conv.model_cfg, None)
+            return _conventions_for(names, conv.model_cfg, None)
         if tag == "~global_step":
             return _step_value(payload["dtype"], step)
         if tag == "~tensor":
             return conv.extras[payload]
         if tag == "~optimizer":
-            return _decode_optimizer(conv, payload, names, entries, dtype, step, lrs, lazy)
+            return _decode_optimizer(conv, payload, entries, dtype, step, lrs, lazy)
         raise CheckpointError(f"unknown marker {tag} in the stored layout; the export is damaged")
 
     top = skeleton.decode(layout["top"], resolve)
-    conventions = names.conventions_for_torch(conv.model_cfg, original_fields, layout.get("conventions"))
+    conventions = _conventions_for(names, conv.model_cfg, original_fields, layout.get("conventions"))
     if conventions and isinstance(top, dict) and CONVENTIONS_KEY not in top:
         top[CONVENTIONS_KEY] = conventions
     return top
@@ -516,7 +567,7 @@ def _no_markers(tag, payload):
     raise CheckpointError(f"unexpected marker {tag} in a stored config")
 
 
-def _decode_optimizer(conv, payload, names, layout_entries, dtype, step, lrs, lazy):
+def _decode_optimizer(conv, payload, layout_entries, dtype, step, lrs, lazy):
     entries = {entry.name: entry for entry, _, _ in layout_entries}
 
     def resolve(tag, p):
@@ -525,7 +576,7 @@ def _decode_optimizer(conv, payload, names, layout_entries, dtype, step, lrs, la
             values = conv.slots.get(p["slot"], {})
             if not all(t in values for t in entry.targets):
                 raise CheckpointError(f"the optimizer {p['slot']} of {p['param']} is missing from the converted state")
-            return _torch_tensor(names, entry, values, dtype or p["dtype"], lazy)
+            return _torch_tensor(entry, values, dtype or p["dtype"], lazy)
         if tag == "~step":
             return _step_value(p["dtype"], step + p["offset"])
         if tag == "~tensor":
@@ -541,9 +592,9 @@ def _decode_optimizer(conv, payload, names, layout_entries, dtype, step, lrs, la
     return opt
 
 
-def _to_card_layout(conv: Converted, names, naming: str, dtype, optim_cfg, lrs, lazy) -> dict:
-    entries = names.default_entries(conv.model_cfg, naming)
-    sd = _model_state_dict(conv, [(e, None, None) for e in entries], names, dtype, lazy=lazy)
+def _to_card_layout(conv: Converted, names, naming: str | None, dtype, optim_cfg, lrs, lazy) -> dict:
+    entries = _entries(names, conv.model_cfg, naming)
+    sd = _model_state_dict(conv, [(e, None, None) for e in entries], dtype, lazy=lazy)
     original = None
     if conv.layout and conv.layout.get("cfg", {}).get("fields") is not None:
         original = skeleton.decode(conv.layout["cfg"]["fields"], _no_markers)
@@ -552,25 +603,27 @@ def _to_card_layout(conv: Converted, names, naming: str, dtype, optim_cfg, lrs, 
     if optim_cfg is not None and original is None:
         cfg["optimizer"], cfg["lr_schedule"] = optim_cfg.name, optim_cfg.schedule
     top = {"cfg": cfg, "model": sd, "step": int(conv.step or 0),
-           CONVENTIONS_KEY: names.conventions_for_torch(conv.model_cfg, None)}
+           CONVENTIONS_KEY: _conventions_for(names, conv.model_cfg, None)}
+    if not top[CONVENTIONS_KEY]:
+        del top[CONVENTIONS_KEY]
     if conv.has_optimizer:
-        top[DEFAULT_OPTIMIZER_KEY] = _default_optimizer(conv, entries, names, dtype, optim_cfg, lrs, lazy)
+        top[DEFAULT_OPTIMIZER_KEY] = _default_optimizer(conv, entries, dtype, optim_cfg, lrs, lazy)
     return top
 
 
-def _default_optimizer(conv, entries, names, dtype, optim_cfg, lrs, lazy) -> dict:
+def _default_optimizer(conv, entries, dtype, optim_cfg, lrs, lazy) -> dict:
     """One state_dict with a Muon group and an AdamW group, parameters named (torch >= 2.5 style)."""
     state, groups = {}, {"muon": [], "adamw": []}
-    params = [e for e in entries if e.kind == "param"]
+    params = [e for e in entries if e.kind in ("param", "stack")]
     for index, entry in enumerate(params):
         has = lambda slot: all(t in conv.slots.get(slot, {}) for t in entry.targets)
         if has("momentum"):
-            state[index] = {"momentum_buffer": _torch_tensor(names, entry, conv.slots["momentum"], dtype, lazy)}
+            state[index] = {"momentum_buffer": _torch_tensor(entry, conv.slots["momentum"], dtype, lazy)}
             groups["muon"].append(index)
         elif has("mu") and has("nu"):
             state[index] = {"step": np.asarray(float(conv.step or 0), np.float32),
-                            "exp_avg": _torch_tensor(names, entry, conv.slots["mu"], dtype, lazy),
-                            "exp_avg_sq": _torch_tensor(names, entry, conv.slots["nu"], dtype, lazy)}
+                            "exp_avg": _torch_tensor(entry, conv.slots["mu"], dtype, lazy),
+                            "exp_avg_sq": _torch_tensor(entry, conv.slots["nu"], dtype, lazy)}
             groups["adamw"].append(index)
         else:
             groups["adamw"].append(index)
@@ -595,63 +648,100 @@ def _default_optimizer(conv, entries, names, dtype, optim_cfg, lrs, lazy) -> dic
 # ----------------------------------------------------------------------------- files
 
 
-def read_file(path, *, key_map=None, overrides=(), weights_only: bool = False) -> Converted:
+def read_file(path, *, key_map=None, overrides=(), weights_only: bool = False, family: str | None = None) -> Converted:
     """A ``.pt`` or ``.safetensors`` file (told apart by content) in jaxlm's form."""
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     if torch_pt.is_torch_zip(path):
         obj, release = torch_pt.load_mapped(path)
-        conv = from_torch_object(obj, str(path), key_map=key_map, overrides=overrides, weights_only=weights_only)
+        conv = from_torch_object(obj, str(path), key_map=key_map, overrides=overrides, weights_only=weights_only,
+                                 family=family)
         conv.release = release
         return conv
     if safetensors_file.is_safetensors(path):
-        return _from_safetensors(path, key_map, overrides)
+        return _from_safetensors(path, key_map, overrides, family)
     raise CheckpointError(f"{path}: neither a torch .pt (zip) nor a .safetensors file")
 
 
-def _from_safetensors(path: pathlib.Path, key_map, overrides) -> Converted:
+def _from_safetensors(path: pathlib.Path, key_map, overrides, family=None) -> Converted:
     tensors, metadata = safetensors_file.load(path)
     cfg = None
     if "cfg" in metadata:
         cfg = json.loads(metadata["cfg"])
     elif (path.parent / "config.json").is_file():
         cfg = json.loads((path.parent / "config.json").read_text())
+    conv = _from_tensors(tensors, cfg, metadata, str(path), key_map, overrides, family)
+    conv.layout["format"] = "safetensors"
+    return conv
+
+
+def _from_tensors(tensors, cfg, metadata, source, key_map, overrides, family) -> Converted:
     top = {"model": tensors} if cfg is None else {"cfg": cfg, "model": tensors}
     if "step" in metadata:
         top["step"] = int(metadata["step"])
     if "conventions" in metadata:
         top[CONVENTIONS_KEY] = json.loads(metadata["conventions"])
-    conv = from_torch_object(top, str(path), key_map=key_map, overrides=overrides)
-    conv.layout["format"] = "safetensors"
+    return from_torch_object(top, source, key_map=key_map, overrides=overrides, family=family)
+
+
+def read_hf_dir(path, *, key_map=None, overrides=(), family: str | None = None) -> Converted:
+    """A Hugging Face directory (config.json + model.safetensors, or shards + index) in jaxlm's form."""
+    from jaxlm.formats import hf_layout
+    path = pathlib.Path(path).expanduser()
+    tensors, config, metadata, shards = hf_layout.read_dir(path)
+    if config is None and "cfg" in metadata:
+        config = json.loads(metadata["cfg"])
+    conv = _from_tensors(tensors, config, metadata, str(path), key_map, overrides, family)
+    conv.layout["format"] = "hf"
+    conv.layout["shards"] = len(shards)
     return conv
 
 
-def write_file(conv: Converted, path, *, naming: str | None = None, dtype: str | None = None,
-               optim_cfg=None, lrs=None) -> pathlib.Path:
-    """``.pt`` (the card's layout, or the original one) or ``.safetensors`` (+ config.json next to it)."""
-    path = pathlib.Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        names = FAMILY_NAMES[conv.family]
-        if conv.layout and naming is None:
-            entries = _layout_entries(names, conv.layout["model_keys"])
-        else:
-            entries = [(e, None, None) for e in names.default_entries(conv.model_cfg, naming or "hf")]
-        sd = _model_state_dict(conv, entries, names, dtype, odict=False)
-        obj = to_torch_object(conv, naming=naming, dtype=dtype, optim_cfg=optim_cfg, lrs=lrs)
-        cfg = obj.get("cfg", {}) if isinstance(obj, dict) else {}
-        unique, seen = {}, {}
-        for name, array in sd.items():  # safetensors cannot alias: a tied head is written once
-            if id(array) in seen:
-                continue
-            seen[id(array)] = name
+def _file_parts(conv: Converted, naming, dtype, optim_cfg, lrs) -> tuple[dict, dict, dict]:
+    """(state_dict with each tensor once, cfg fields, conventions) for a safetensors file or directory;
+    tensors are lazy: computed as the writer reaches them."""
+    names = keymap.naming_module(conv.family)
+    if conv.layout and naming is None:
+        entries = _layout_entries(conv.layout["model_keys"])
+    else:
+        entries = [(e, None, None) for e in _entries(names, conv.model_cfg, naming)]
+    sd = _model_state_dict(conv, entries, dtype, odict=False, lazy=True)
+    obj = to_torch_object(conv, naming=naming, dtype=dtype, optim_cfg=optim_cfg, lrs=lrs, lazy=True)
+    cfg = obj.get("cfg", {}) if isinstance(obj, dict) and isinstance(obj.get("cfg"), dict) else {}
+    if not cfg and not (conv.layout and conv.layout.get("cfg", {}).get("fields")):
+        cfg = names.fields_for_torch(conv.model_cfg, None)
+    conventions = obj.get(CONVENTIONS_KEY) if isinstance(obj, dict) else None
+    unique, seen = {}, set()
+    for name, array in sd.items():  # safetensors cannot alias: a tied key is written once
+        if id(array) not in seen:
+            seen.add(id(array))
             unique[name] = array
+    return unique, cfg, conventions or {}
+
+
+def write_file(conv: Converted, path, *, naming: str | None = None, dtype: str | None = None,
+               optim_cfg=None, lrs=None, layout: str | None = None, max_shard_size=None) -> pathlib.Path:
+    """``.pt`` (the card's layout, or the original one), ``.safetensors`` (+ config.json next to it), or
+    ``layout="hf"`` (or a path without a suffix): a Hugging Face directory, sharded at ``max_shard_size``."""
+    path = pathlib.Path(path).expanduser()
+    if layout not in (None, "hf", "torch", "safetensors"):
+        raise CheckpointError(f"layout {layout!r}: choose hf (a directory), torch (.pt) or safetensors")
+    if layout is None:
+        layout = {".pt": "torch", ".pth": "torch", ".bin": "torch", ".safetensors": "safetensors"}.get(path.suffix, "hf")
+    if layout in ("hf", "safetensors"):
+        sd, cfg, conventions = _file_parts(conv, naming, dtype, optim_cfg, lrs)
         metadata = {"format": "pt", "cfg": json.dumps(cfg), "step": str(int(conv.step or 0))}
-        if obj.get("conventions"):
-            metadata["conventions"] = json.dumps(obj["conventions"])
-        safetensors_file.save(unique, path, metadata)
-        (path.parent / "config.json").write_text(json.dumps({**cfg, **obj.get("conventions", {})}, indent=2))
+        if conventions:
+            metadata["conventions"] = json.dumps(conventions)
+        if layout == "hf":
+            from jaxlm.formats import hf_layout
+            return hf_layout.write_dir(sd, {**cfg, **conventions}, path, metadata=metadata,
+                                       max_shard_size=max_shard_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        safetensors_file.save(sd, path, metadata)
+        (path.parent / "config.json").write_text(json.dumps({**cfg, **conventions}, indent=2))
         return path
+    path.parent.mkdir(parents=True, exist_ok=True)
     return torch_pt.save(to_torch_object(conv, naming=naming, dtype=dtype, optim_cfg=optim_cfg, lrs=lrs, lazy=True),
                          path)

@@ -366,13 +366,12 @@ class Assembler:
 # ----------------------------------------------------------------------------- configs
 
 
-def build_config(cls, values: dict, source: str, overrides=(), report: ConfigReport | None = None):
-    """``cls(**values)`` with ``FIELD=VALUE`` overrides applied first; ints written as floats (and the
-    reverse) coerced, types checked, ``validate()`` run; every failure a one-line CheckpointError."""
+def parse_overrides(cls, overrides) -> dict:
+    """``["FIELD=VALUE", ...]`` -> ``{FIELD: value}`` typed by the config class ``cls``."""
     from jaxlm import config as C
     types = typing.get_type_hints(cls)
     ours = {f.name for f in dataclasses.fields(cls)}
-    values = dict(values)
+    values = {}
     for item in overrides:
         name, sep, text = item.partition("=")
         if not sep:
@@ -380,6 +379,16 @@ def build_config(cls, values: dict, source: str, overrides=(), report: ConfigRep
         if name not in ours:
             raise CheckpointError(f"--set {name}: not a {cls.__name__} field; known: {', '.join(sorted(ours))}")
         values[name] = C.parse_value(text, types[name])
+    return values
+
+
+def build_config(cls, values: dict, source: str, overrides=(), report: ConfigReport | None = None):
+    """``cls(**values)`` with ``FIELD=VALUE`` overrides applied first; ints written as floats (and the
+    reverse) coerced, types checked, ``validate()`` run; every failure a one-line CheckpointError."""
+    from jaxlm import config as C
+    types = typing.get_type_hints(cls)
+    ours = {f.name for f in dataclasses.fields(cls)}
+    values = {**values, **parse_overrides(cls, overrides)}
     unknown = sorted(set(values) - ours)
     if unknown:
         raise CheckpointError(f"{source}: {', '.join(unknown)}: not {cls.__name__} fields")

@@ -45,12 +45,17 @@ def load(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         if len(head) < 8:
             raise CheckpointError(f"{path}: not a safetensors file (too short)")
         (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(MAX_HEADER, size - 8):
+        if header_len > MAX_HEADER:
             raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: truncated safetensors header: it says {header_len:,} bytes, the file "
+                                  f"has {size - 8:,} after the length; copy or download the file again")
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     data = np.memmap(path, np.uint8, mode="r", offset=8 + header_len) if size > 8 + header_len else np.zeros(0, np.uint8)
     metadata = header.pop("__metadata__", None) or {}
     tensors = {}
@@ -67,18 +72,25 @@ def load(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, metadata
 
 
-def save(tensors: dict[str, np.ndarray], path, metadata: dict[str, str] | None = None) -> pathlib.Path:
-    """Write ``tensors`` (any order kept) with string ``metadata``."""
+def save(tensors: dict, path, metadata: dict[str, str] | None = None) -> pathlib.Path:
+    """Write ``tensors`` (any order kept) with string ``metadata``.
+
+    A value may be any object with ``shape``, ``dtype`` and ``__array__`` (``torch_pt.LazyTensor``):
+    the header needs only its shape and dtype, and its bytes are made as the writer reaches them,
+    so one converted tensor at a time is in memory.
+    """
     path = pathlib.Path(path)
     header, offset, arrays = {}, 0, []
     for name, array in tensors.items():
-        array = np.asarray(array, order="C")
-        if array.dtype not in NAMES:
-            raise CheckpointError(f"cannot write a {array.dtype} tensor ({name}) into a safetensors file")
-        header[name] = {"dtype": NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-        arrays.append(array)
+        if not hasattr(array, "__array__") or not hasattr(array, "shape"):
+            array = np.asarray(array)
+        dtype, shape = np.dtype(array.dtype), tuple(array.shape)
+        if dtype not in NAMES:
+            raise CheckpointError(f"cannot write a {dtype} tensor ({name}) into a safetensors file")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        arrays.append((array, dtype, shape))
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -86,7 +98,8 @@ def save(tensors: dict[str, np.ndarray], path, metadata: dict[str, str] | None =
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for array in arrays:
-            f.write(memoryview(array.reshape(-1).view(np.uint8)))
+        for array, dtype, shape in arrays:
+            data = np.ascontiguousarray(np.asarray(array), dtype=dtype).reshape(shape)
+            f.write(memoryview(data.reshape(-1).view(np.uint8)))
     os.replace(tmp, path)
     return path

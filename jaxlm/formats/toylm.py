@@ -34,7 +34,9 @@ from typing import Any
 import numpy as np
 
 from jaxlm import config as C
-from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.errors import CheckpointError
+from jaxlm.formats import keymap
+from jaxlm.formats.keymap import ConfigReport, KeyEntry, Plan, is_buffer, strip_prefixes
 from jaxlm.models.toylm import ToyLMConfig
 
 FAMILY = "toylm"
@@ -73,20 +75,6 @@ TOP_ROLES = [
      "final_norm"),
     (re.compile(_TOP + r"(?:lm_head|output|head|out_head|unembed|output_projection)\.weight$"), "head"),
 ]
-# Non-parameters that a PyTorch model may register: RoPE tables and causal masks.
-BUFFER = re.compile(r"(?:^|\.)(?:inv_freq|freqs_cis|freqs|cos_cached|sin_cached|cos_cache|sin_cache|"
-                    r"rope_cos|rope_sin|cos|sin|masked_bias|causal_mask|mask|attn_mask)$")
-BUFFER_NDIM = re.compile(r"(?:^|\.)(?:attn|attention|self_attn)\.bias$")  # nanoGPT's causal mask (4-D)
-
-
-def strip_prefixes(name: str) -> str:
-    """``module._orig_mod.layers.0.x`` -> ``layers.0.x`` (DDP and torch.compile wrappers)."""
-    name = re.sub(r"(^|\.)_orig_mod\.", r"\1", name)
-    while name.startswith("module."):
-        name = name[len("module."):]
-    return name
-
-
 def role_of(name: str, ndim: int) -> tuple[str, int | None] | None:
     """(role, layer) of a stripped key, or None. Roles: see BLOCK_ROLES / TOP_ROLES, "buffer"."""
     block = _BLOCK.match(name)
@@ -98,7 +86,7 @@ def role_of(name: str, ndim: int) -> tuple[str, int | None] | None:
         for pattern, role in TOP_ROLES:
             if pattern.match(name):
                 return role, None
-    if BUFFER.search(name) or (BUFFER_NDIM.search(name) and ndim >= 2):
+    if is_buffer(name, ndim):
         return "buffer", None
     return None
 
@@ -168,68 +156,6 @@ def family_of(names) -> str:
 # ----------------------------------------------------------------------------- the plan
 
 
-@dataclasses.dataclass
-class KeyEntry:
-    """What one state_dict key is: a parameter (or several, fused), the tied head, or a buffer."""
-
-    name: str                      # the key as the file has it
-    kind: str                      # "param" | "tied" | "buffer" | "kept" (key-mapped to null)
-    targets: list[str] = dataclasses.field(default_factory=list)  # jaxlm paths, in PyTorch row order
-    transpose: bool = False        # (out, in) -> (in, out)
-    role: str = ""                 # for reports: q, qkv, gate_up, attn_norm, user map, ...
-
-
-def load_key_map(path) -> dict[str, Any]:
-    """A ``--key-map`` JSON file: ``{their_name_or_regex: our_path | [paths] (fused) | null | "tied"}``."""
-    import json
-    import pathlib
-    path = pathlib.Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"key map {path}: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"key map {path}: not JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"key map {path}: expected a JSON object {{their_name: our_path}}")
-    return data
-
-
-def _expand(match: re.Match, template: str) -> str:
-    """``blocks/{1}/attn/q/kernel`` or ``blocks/\\1/...`` filled from a regex match."""
-    template = re.sub(r"\{(\w+)\}", lambda g: match.group(int(g[1]) if g[1].isdigit() else g[1]), template)
-    return match.expand(template)
-
-
-def _user_targets(name: str, stripped: str, key_map: dict) -> tuple[bool, Any]:
-    """(matched, value) of the key-map entry naming this key exactly, else the first full regex match."""
-    for pattern, value in key_map.items():
-        if pattern in (name, stripped):
-            return True, value
-    for pattern, value in key_map.items():
-        try:
-            compiled = re.compile(pattern)
-        except re.error:
-            continue
-        for candidate in (name, stripped):
-            m = compiled.fullmatch(candidate)
-            if m:
-                if isinstance(value, str) and value != "tied":
-                    value = _expand(m, value)
-                elif isinstance(value, list):
-                    value = [_expand(m, v) for v in value]
-                return True, value
-    return False, None
-
-
-@dataclasses.dataclass
-class Plan:
-    entries: list[KeyEntry]
-    unmatched: list[tuple[str, tuple]]      # (name, shape) of keys nothing explains
-    family: str
-    notes: list[str]
-
-
 def plan_keys(shapes: dict[str, tuple], key_map: dict | None = None) -> Plan:
     """Assign every key a role (before the config is known: fused-or-not gate by its layer's keys)."""
     key_map = key_map or {}
@@ -237,16 +163,9 @@ def plan_keys(shapes: dict[str, tuple], key_map: dict | None = None) -> Plan:
     entries, unmatched, notes = [], [], []
     roles = {}
     for name, shape in shapes.items():
-        matched, value = _user_targets(name, stripped[name], key_map)
+        matched, value = keymap.user_targets(name, stripped[name], key_map)
         if matched:
-            if value is None:
-                entries.append(KeyEntry(name, "kept", role="key map: null"))
-            elif value == "tied":
-                entries.append(KeyEntry(name, "tied", role="key map: tied"))
-            else:
-                targets = [value] if isinstance(value, str) else list(value)
-                entries.append(KeyEntry(name, "param", targets, all(t.endswith("/kernel") for t in targets),
-                                        role="key map"))
+            entries.append(keymap.key_map_entry(name, value))
             continue
         found = role_of(stripped[name], len(shape))
         if found is None:
@@ -271,7 +190,7 @@ def plan_keys(shapes: dict[str, tuple], key_map: dict | None = None) -> Plan:
         if role == "buffer":
             out.append(KeyEntry(entry.name, "buffer", role="buffer"))
         elif role == "head":
-            out.append(KeyEntry(entry.name, "tied", role="head"))
+            out.append(KeyEntry(entry.name, "tied", ["embed/embedding"], role="head"))
         else:
             targets = role_targets(role, layer)
             out.append(KeyEntry(entry.name, "param", targets, targets[0].endswith("/kernel"), role=role))
@@ -365,69 +284,7 @@ def rope_theta_from_buffers(plan: Plan, state_dict: dict) -> tuple[float, str] |
     return None
 
 
-def expected_torch_shape(entry: KeyEntry, param_shapes: dict[str, tuple]) -> tuple:
-    parts = [param_shapes[t] for t in entry.targets]
-    if entry.transpose:
-        parts = [s[::-1] for s in parts]
-    if len(parts) == 1:
-        return tuple(parts[0])
-    return (sum(p[0] for p in parts),) + tuple(parts[0][1:])
-
-
-def check_plan(plan: Plan, shapes: dict[str, tuple], param_shapes: dict[str, tuple], source: str) -> None:
-    """Every jaxlm parameter filled exactly once, with the right shape; nothing left unexplained."""
-    if plan.unmatched:
-        listed = ", ".join(f"{n} {tuple(s)}" for n, s in plan.unmatched[:8])
-        more = f" (+{len(plan.unmatched) - 8} more)" if len(plan.unmatched) > 8 else ""
-        raise CheckpointError(
-            f"{source}: {len(plan.unmatched)} keys match no ToyLM parameter: {listed}{more}; map them with "
-            "--key-map FILE (JSON {\"their_name_or_regex\": \"blocks/0/attn/q/kernel\"}, null to keep one aside)")
-    filled: dict[str, str] = {}
-    for entry in plan.entries:
-        if entry.kind != "param":
-            continue
-        for target in entry.targets:
-            if target not in param_shapes:
-                example = next(iter(p for p in param_shapes if p.startswith("blocks/")), "embed/embedding")
-                raise CheckpointError(f"{source}: {entry.name} maps to {target}, which ToyLM does not have "
-                                      f"(paths look like {example})")
-            if target in filled:
-                raise CheckpointError(f"{source}: both {filled[target]} and {entry.name} map to {target}; "
-                                      "fix the names or the --key-map")
-            filled[target] = entry.name
-        want, got = expected_torch_shape(entry, param_shapes), tuple(shapes[entry.name])
-        if want != got:
-            raise CheckpointError(f"{source}: {entry.name} has shape {got}, but ToyLM with this cfg expects "
-                                  f"{want} for {', '.join(entry.targets)}; shape mismatch (wrong cfg or key map?)")
-    missing = [p for p in param_shapes if p not in filled]
-    if missing:
-        raise CheckpointError(f"{source}: no key holds {', '.join(missing[:6])}"
-                              f"{' ...' if len(missing) > 6 else ''} ({len(missing)} missing parameters); "
-                              "map the keys that do with --key-map FILE")
-
-
-# ----------------------------------------------------------------------------- tensors
-
-
-def to_flax(entry: KeyEntry, array: np.ndarray, param_shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
-    """The jaxlm arrays one PyTorch tensor holds (split if fused, transposed if a kernel)."""
-    if len(entry.targets) == 1:
-        parts = [array]
-    else:
-        rows = [param_shapes[t][-1] if entry.transpose else param_shapes[t][0] for t in entry.targets]
-        parts = np.split(array, np.cumsum(rows)[:-1], axis=0)
-    return {t: (p.T if entry.transpose else p) for t, p in zip(entry.targets, parts)}
-
-
-def to_torch(entry: KeyEntry, flat: dict[str, np.ndarray]) -> np.ndarray:
-    """The PyTorch tensor of one entry, from jaxlm arrays (inverse of :func:`to_flax`)."""
-    parts = [flat[t].T if entry.transpose else flat[t] for t in entry.targets]
-    if len(parts) == 1:
-        return np.asarray(parts[0], order="C")
-    return np.asarray(np.concatenate(parts, axis=0), order="C")
-
-
-def default_entries(cfg: ToyLMConfig, naming: str = "hf") -> list[KeyEntry]:
+def entries(cfg: ToyLMConfig, naming: str = "hf") -> list[KeyEntry]:
     """The state_dict of ``tools/torch_port``'s ToyLM (``hf``) or of another family's naming."""
     try:
         names = NAMINGS[naming]
@@ -444,7 +301,7 @@ def default_entries(cfg: ToyLMConfig, naming: str = "hf") -> list[KeyEntry]:
         entries += [entry(role, i) for role in BLOCK_ORDER if role in names]
     entries.append(entry("final_norm"))
     if "head" in names:
-        entries.append(KeyEntry(names["head"], "tied", role="head"))
+        entries.append(KeyEntry(names["head"], "tied", ["embed/embedding"], role="head"))
     return entries
 
 
@@ -476,20 +333,13 @@ SYNONYMS = {
 }
 
 
-@dataclasses.dataclass
-class ConfigReport:
-    renamed: dict[str, str] = dataclasses.field(default_factory=dict)    # their field -> ours
-    ignored: dict[str, Any] = dataclasses.field(default_factory=dict)    # fields jaxlm has no use for
-    inferred: dict[str, Any] = dataclasses.field(default_factory=dict)   # ours, from tensors or assumed
-
-
-def _field_types() -> dict[str, Any]:
-    import typing
-    return typing.get_type_hints(ToyLMConfig)
-
-
-def config_from_fields(fields: dict, dims: dict[str, int], overrides=(), source: str = "checkpoint"):
+def config_from_fields(fields: dict, shapes: dict[str, tuple], source: str = "checkpoint", overrides=()):
     """(ToyLMConfig, ConfigReport) from a foreign cfg's fields, the tensors' shapes and ``FIELD=VALUE`` overrides."""
+    return config_from_dims(fields, dims_from_tensors(plan_keys(shapes), shapes), overrides, source)
+
+
+def config_from_dims(fields: dict, dims: dict[str, int], overrides=(), source: str = "checkpoint"):
+    """:func:`config_from_fields` with the shape fields the tensors imply already read (``dims_from_tensors``)."""
     ours = {f.name for f in dataclasses.fields(ToyLMConfig)}
     report = ConfigReport()
     values: dict[str, Any] = {}
@@ -507,15 +357,7 @@ def config_from_fields(fields: dict, dims: dict[str, int], overrides=(), source:
                               "which ToyLM (the Crowfeather / Shard architecture) does not have")
     if fields.get("tie_word_embeddings") is False:
         raise CheckpointError(f"{source}: cfg.tie_word_embeddings = False, but ToyLM ties its output head")
-
-    types = _field_types()
-    for item in overrides:  # before inference, so that --set n_heads=8 decides head_dim
-        if "=" not in item:
-            raise CheckpointError(f"--set {item!r}: expected FIELD=VALUE, e.g. rope_pairing=interleaved")
-        name, text = item.split("=", 1)
-        if name not in ours:
-            raise CheckpointError(f"--set {name}: not a ToyLM config field; known: {', '.join(sorted(ours))}")
-        values[name] = C.parse_value(text, types[name])
+    values.update(keymap.parse_overrides(ToyLMConfig, overrides))  # before inference: --set n_heads=8 decides head_dim
 
     for name in ("vocab_size", "dim", "n_layers", "mlp_hidden"):
         if name in dims and name not in values:
@@ -534,21 +376,7 @@ def config_from_fields(fields: dict, dims: dict[str, int], overrides=(), source:
     default_window = ToyLMConfig.sliding_window
     if "sliding_window" not in values and values.get("max_seq_len", default_window) < default_window:
         values["sliding_window"] = report.inferred["sliding_window"] = values["max_seq_len"]  # never binds
-
-    for name, value in list(values.items()):  # ints written as floats (theta 1e4) and the like
-        expected = types[name]
-        if expected is int and isinstance(value, float) and value.is_integer():
-            values[name] = int(value)
-        elif expected is float and isinstance(value, int) and not isinstance(value, bool):
-            values[name] = float(value)
-    cfg = ToyLMConfig(**values)
-    for name, value in values.items():
-        if not C._matches(value, types[name]):
-            raise CheckpointError(f"{source}: cfg.{name} = {value!r}: expected {types[name].__name__}")
-    try:
-        cfg.validate()
-    except ConfigError as e:
-        raise CheckpointError(f"{source}: its cfg does not make a valid ToyLM: {e}") from None
+    cfg = keymap.build_config(ToyLMConfig, values, source)
     _check_dims(cfg, dims, source)
     return cfg, report
 
@@ -565,7 +393,7 @@ def _check_dims(cfg: ToyLMConfig, dims: dict[str, int], source: str) -> None:
                               f"matrices are {dims['inner']} wide")
 
 
-def fields_for_torch(cfg: ToyLMConfig, original: dict | None, report: dict | None) -> dict:
+def fields_for_torch(cfg: ToyLMConfig, original: dict | None, report: dict | None = None) -> dict:
     """The cfg dict written into a ``.pt``: the original fields (updated), or the card's for a jaxlm model.
 
     Only the upstream Config's field names are written, so ``Config(**ck["cfg"])`` keeps working;
@@ -601,3 +429,49 @@ def conventions_in_fields(fields: dict) -> dict:
     defaults = ToyLMConfig()
     ours = {SYNONYMS.get(k, k): v for k, v in fields.items() if v is not None}
     return {name: ours.get(name, getattr(defaults, name)) for name in CONVENTION_FIELDS}
+
+
+# ----------------------------------------------------------------------------- the naming protocol
+# (see jaxlm/formats/keymap.py): claim, plan, hints; config_from_fields, entries and
+# fields_for_torch are above.
+
+DISPLAY = "ToyLM"
+default_entries = entries  # the older name
+
+
+def claim(shapes: dict[str, tuple], fields: dict) -> tuple[float, str]:
+    """Mostly the key names (a Llama / Meta / nanoGPT-style block, with nothing the roles do not
+    explain), partly the cfg fields (how many ToyLM knows under some spelling)."""
+    weights = {n: s for n, s in shapes.items() if role_of(n, len(s)) != ("buffer", None)}
+    known = [n for n, s in weights.items() if role_of(n, len(s)) is not None]
+    strange = [n for n in weights if n not in set(known)]
+    ours = {f.name for f in dataclasses.fields(ToyLMConfig)} | set(SYNONYMS) | set(CARD_FIELDS)
+    field_names = [k for k in fields if not k.startswith("_")]
+    field_share = sum(k in ours for k in field_names) / len(field_names) if field_names else 0.0
+    reason = [f"{len(known)}/{len(weights)} keys named like a ToyLM block"]
+    if strange:
+        reason.append("not: " + ", ".join(strange[:3]) + (" ..." if len(strange) > 3 else ""))
+    if field_names:
+        reason.append(f"{round(field_share * len(field_names))}/{len(field_names)} cfg fields known")
+    if fields.get("engram_enabled") or any(k in fields for k in ("n_routed_experts", "num_experts")):
+        field_share = 0.0
+    if not weights:
+        return field_share, "; ".join(reason)
+    key_share = len(known) / len(weights)
+    if not any(role_of(n, len(s)) in (("embed", None), ("head", None)) for n, s in weights.items()):
+        key_share *= 0.5
+    score = 0.75 * key_share + 0.25 * field_share if field_names else key_share
+    return score, "; ".join(reason)
+
+
+def plan(shapes: dict[str, tuple], key_map: dict | None, cfg=None) -> Plan:
+    """Keys named by role (no cfg needed): the key map first, then the roles, fused matrices by shape."""
+    return plan_keys(shapes, key_map)
+
+
+def hints(state_dict: dict) -> tuple[dict, list[str]]:
+    """A RoPE theta read off a saved ``inv_freq`` / ``freqs_cis`` buffer."""
+    found = rope_theta_from_buffers(plan_keys({n: tuple(a.shape) for n, a in state_dict.items()}), state_dict)
+    if not found:
+        return {}, []
+    return {"rope_theta": found[0]}, [f"rope_theta = {found[0]:g}, read off the {found[1]} buffer"]

@@ -24,11 +24,6 @@ from jaxlm.formats import safetensors_file
 from jaxlm.formats.run_dir import TORCH_EXTRAS_FILE, TORCH_LAYOUT_FILE
 from jaxlm.optim import path_name
 
-# Fields that change parameter shapes: a mismatch is an error. Others (window, conventions,
-# soft-cap) only change the computation: the run's config wins and the difference is reported.
-SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "mlp_hidden")
-
-
 def _place(array, leaf):
     """``array`` cast to the leaf's dtype and laid out with the leaf's sharding (works multi-host)."""
     host = np.asarray(array).astype(leaf.dtype)
@@ -47,7 +42,9 @@ def check_model_config(theirs, ours, source, log=print) -> None:
         if field.name == "vocab_size":
             raise CheckpointError(f"vocabulary mismatch: {source} has {a} tokens, the config "
                                   f"model.vocab_size = {b}; use the checkpoint's tokenizer and vocab size")
-        if field.name in SHAPE_FIELDS:
+        # Shape fields (the family config's SHAPE_FIELDS) change parameter shapes: a mismatch is an
+        # error. Others (window, conventions, soft-cap) only change the computation: the run's config wins.
+        if field.name in type(ours).SHAPE_FIELDS:
             raise CheckpointError(f"{source} has model.{field.name} = {a}, the config {b}; "
                                   f"set --config.model.{field.name}={a}")
         log(f"note: {source} says model.{field.name} = {a!r}, the run config {b!r}; the run config is used "

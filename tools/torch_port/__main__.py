@@ -1,11 +1,14 @@
 """``python -m tools.torch_port``: PyTorch checkpoints in and out of jaxlm.
 
-    to-orbax SRC DST     a .pt / .safetensors (any naming; cfg dict or pickled Config) -> an Orbax export
-    to-torch SRC DST.pt  an export, a run directory or a .pt -> a .pt in the card's layout (or .safetensors)
-    inspect FILE         keys, shapes, dtypes, cfg, naming family, what maps to what
+    to-orbax SRC DST     a .pt / .safetensors / Hugging Face directory (any family, any naming) -> an Orbax export
+    to-torch SRC DST.pt  an export, a run directory or a .pt -> a .pt in the card's layout (or .safetensors,
+                         or DST/ without a suffix: a Hugging Face directory, --max-shard-size to shard it)
+    inspect FILE         keys, shapes, dtypes, cfg, each family's claim, what maps to what
     probe SRC --tokenizer tokenizer.json --text FILE   which unpublished convention fits the checkpoint
 
-Every failure a user can cause ends in one line ``error: ...`` and exit status 2.
+SRC / FILE may be a Hub id: ``hf://Org/Repo/step_017500.pt``, or ``Org/Repo`` with ``--filename``
+(``jaxlm.formats.hub``; needs huggingface_hub). Every failure a user can cause ends in one line
+``error: ...`` and exit status 2.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ def _to_orbax(args) -> None:
     import pathlib
 
     from jaxlm import formats
-    conv = formats.read_checkpoint(args.src, key_map=args.key_map, overrides=args.set,
-                                   with_optimizer=not args.weights_only)
-    tokenizer = args.tokenizer or pathlib.Path(args.src).expanduser().parent / "tokenizer.json"
+    src = formats.resolve(args.src, args.filename)
+    conv = formats.read_checkpoint(src, key_map=args.key_map, overrides=args.set,
+                                   with_optimizer=not args.weights_only, family=args.family)
+    tokenizer = args.tokenizer or (src if src.is_dir() else src.parent) / "tokenizer.json"
     dst = formats.save_export(conv, args.dst, tokenizer=tokenizer, overwrite=args.force)
     for note in conv.notes:
         print(f"note: {note}")
@@ -33,7 +37,7 @@ def _to_orbax(args) -> None:
 def _to_torch(args) -> None:
     from jaxlm import formats
     conv = formats.read_checkpoint(args.src, key_map=args.key_map, overrides=args.set,
-                                   with_optimizer=not args.weights_only)
+                                   with_optimizer=not args.weights_only, filename=args.filename, family=args.family)
     optim_cfg, lrs = None, None
     if conv.run_config is not None:  # a jaxlm run: its optimizer settings and current learning rates
         from jaxlm.formats.run_dir import run_optim_config
@@ -44,21 +48,24 @@ def _to_torch(args) -> None:
         _, schedules = build_optimizer(optim_cfg, nest(conv.params), steps)
         lrs = {group: schedule(conv.step or 0) for group, schedule in schedules.items()}
     dtype = None if args.dtype == "keep" else args.dtype
-    path = formats.write_checkpoint(conv, args.dst, naming=args.naming, dtype=dtype, optim_cfg=optim_cfg, lrs=lrs)
+    path = formats.write_checkpoint(conv, args.dst, naming=args.naming, dtype=dtype, optim_cfg=optim_cfg, lrs=lrs,
+                                    layout=args.layout, max_shard_size=args.max_shard_size)
     layout = "the source's layout" if conv.layout and not args.naming else f"{args.naming or 'hf'} naming"
     print(f"wrote {path} ({layout}, step {conv.step}"
-          f"{', with optimizer state' if conv.has_optimizer and not args.weights_only else ''}); in PyTorch: "
-          "tools.torch_port.toylm_torch.ToyLM.from_checkpoint(path)")
+          f"{', with optimizer state' if conv.has_optimizer and not args.weights_only else ''})"
+          + ("; in PyTorch: tools.torch_port.toylm_torch.ToyLM.from_checkpoint(path)" if conv.family == "toylm" else ""))
 
 
 def _inspect(args) -> None:
     from tools.torch_port.report import inspect
-    print(inspect(args.file, key_map=args.key_map, overrides=args.set))
+    from jaxlm.formats import hub
+    print(inspect(hub.resolve(args.file, args.filename), key_map=args.key_map, overrides=args.set, family=args.family))
 
 
 def _probe(args) -> None:
     from tools.torch_port.probe import probe
-    probe(args.src, args.tokenizer, args.text, key_map=args.key_map, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    from jaxlm.formats import hub
+    probe(hub.resolve(args.src, args.filename), args.tokenizer, args.text, key_map=args.key_map, seq_len=args.seq_len, max_tokens=args.max_tokens)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -69,7 +76,9 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--key-map", metavar="FILE",
                          help="JSON {their_name_or_regex: our_path} for keys the converter does not recognise")
         cmd.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                         help="a ToyLM config field, e.g. rope_pairing=interleaved (repeatable)")
+                         help="a model config field, e.g. rope_pairing=interleaved (repeatable)")
+        cmd.add_argument("--family", help="read the checkpoint as this family's (default: the family that claims it)")
+        cmd.add_argument("--filename", help="with a Hub repo id as the source: the file in the repository")
         if weights:
             cmd.add_argument("--weights-only", action="store_true", help="leave the optimizer state out")
 
@@ -84,8 +93,11 @@ def parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("to-torch", help="an export / run directory / .pt -> .pt (or .safetensors)")
     cmd.add_argument("src")
     cmd.add_argument("dst")
-    cmd.add_argument("--naming", choices=("hf", "meta", "nanogpt"),
-                     help="write these key names (default: the source's own, else hf)")
+    cmd.add_argument("--naming", help="write the family's key names of this naming (toylm: hf, meta, nanogpt; "
+                                      "default: the source's own, else the family's)")
+    cmd.add_argument("--layout", choices=("torch", "safetensors", "hf"),
+                     help="default: by DST's suffix (.pt, .safetensors; none: a Hugging Face directory)")
+    cmd.add_argument("--max-shard-size", metavar="SIZE", help="Hugging Face layout: shards of at most SIZE (e.g. 2GB)")
     cmd.add_argument("--dtype", choices=("keep", "bfloat16", "float32"), default="keep",
                      help="tensor dtype (default: as in the source .pt, else as stored)")
     common(cmd)

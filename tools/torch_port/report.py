@@ -35,18 +35,23 @@ def _describe(value) -> str:
     return repr(value)[:80]
 
 
-def inspect(path, *, key_map=None, overrides=()) -> str:
-    """The report printed by ``python -m tools.torch_port inspect FILE``."""
-    path = pathlib.Path(path).expanduser()
+def inspect(path, *, key_map=None, overrides=(), family=None) -> str:
+    """The report printed by ``python -m tools.torch_port inspect FILE`` (a path or a Hub id)."""
+    from jaxlm.formats import hf_layout, hub, orbax_export, run_dir
+    path = hub.resolve(path)
     if not path.exists():
         raise CheckpointError(f"{path}: file not found")
     lines = [f"file        {path} ({_size(path)})"]
-    if path.is_dir():
-        conv = read_checkpoint(path, key_map=key_map, overrides=overrides)
+    if path.is_dir() and hf_layout.is_hf_dir(path) and not orbax_export.is_export(path) and run_dir.locate(path) is None:
+        tensors, config, metadata, shards = hf_layout.read_dir(path)
+        lines.append(f"kind        Hugging Face directory, {len(shards)} safetensors file{'s' if len(shards) > 1 else ''}")
+        top = {"model": tensors} if config is None else {"cfg": config, "model": tensors}
+    elif path.is_dir():
+        conv = read_checkpoint(path, key_map=key_map, overrides=overrides, family=family)
         lines.append("kind        jaxlm directory")
         lines += _jaxlm_lines(conv)
         return "\n".join(lines)
-    if torch_pt.is_torch_zip(path):
+    elif torch_pt.is_torch_zip(path):
         top = torch_pt.load(path)
     elif safetensors_file.is_safetensors(path):
         tensors, metadata = safetensors_file.load(path)
@@ -57,7 +62,7 @@ def inspect(path, *, key_map=None, overrides=()) -> str:
             top["cfg"] = json.loads(metadata["cfg"])
     else:
         top = torch_pt.load(path)  # raises the "not a checkpoint" error
-    an = converted.analyze(top, str(path), key_map=key_map, overrides=overrides)
+    an = converted.analyze(top, str(path), key_map=key_map, overrides=overrides, family=family)
     if isinstance(top, dict) and an.model_key is not None:
         for key, value in top.items():
             lines.append(f"top-level   {key!s:<12} {_describe(value)}")
@@ -71,21 +76,25 @@ def inspect(path, *, key_map=None, overrides=()) -> str:
         lines.append("ignored     " + (", ".join(f"{k}={v!r}" for k, v in report.ignored.items()) or "(none)"))
         if report.inferred:
             lines.append("inferred    " + ", ".join(f"{k}={v}" for k, v in report.inferred.items()))
-    lines.append(f"family      {an.plan.family} naming")
+    lines.append(f"family      {an.family}" + (f", {an.plan.naming} naming" if an.plan and an.plan.naming else ""))
+    for score, name, reason in an.claims:
+        lines.append(f"claim       {name:<12} {score:.2f}  {reason}")
     for note in an.notes:
         lines.append(f"note        {note}")
     lines.append("mapping")
     width = max((len(n) for n in an.shapes), default=10)
-    for entry in an.plan.entries:
+    for entry in an.plan.entries if an.plan else []:
         array = an.state_dict[entry.name]
+        targets = " + ".join(entry.targets)
         what = {
-            "param": " + ".join(entry.targets) + (" (transposed)" if entry.transpose else ""),
-            "tied": "tied head: dropped if equal to the embedding",
+            "param": targets + (" (transposed)" if entry.transpose else ""),
+            "stack": f"{targets} [{entry.index} of {entry.count}]" + (" (transposed)" if entry.transpose else ""),
+            "tied": f"tied to {targets}: dropped if equal to it",
             "buffer": "buffer: kept for the way back",
             "kept": "key map null: kept for the way back",
         }[entry.kind]
         lines.append(f"  {entry.name:<{width}} {str(tuple(array.shape)):<14} {str(array.dtype):<9} -> {what}")
-    for name, shape in an.plan.unmatched:
+    for name, shape in an.plan.unmatched if an.plan else []:
         lines.append(f"  {name:<{width}} {str(shape):<14} {str(an.state_dict[name].dtype):<9} -> UNMATCHED")
     if an.model_cfg is not None:
         fields = ", ".join(f"{f.name}={getattr(an.model_cfg, f.name)!r}" for f in dataclasses.fields(an.model_cfg))
@@ -108,5 +117,6 @@ def _jaxlm_lines(conv) -> list[str]:
         lines.append(f"optimizer   {slot}: {len(values)} tensors")
     if conv.layout:
         lines.append(f"torch       layout of {conv.layout.get('family_naming')} naming kept for to-torch")
+    lines.append(f"family      {conv.family}")
     lines += [f"note        {n}" for n in conv.notes]
     return lines
