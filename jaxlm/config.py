@@ -217,13 +217,15 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
+    experts: int = 1     # a mixture of experts' experts split over this many devices (the batch too)
     tensor: int = 1
 
     def validate(self) -> None:
-        sizes = [self.data, self.fsdp, self.tensor]
+        names = ("data", "fsdp", "experts", "tensor")
+        sizes = [getattr(self, name) for name in names]
         if sum(s == -1 for s in sizes) > 1:
-            raise ConfigError("mesh: at most one of data/fsdp/tensor may be -1 (\"the rest\")")
-        for name, size in zip(("data", "fsdp", "tensor"), sizes):
+            raise ConfigError("mesh: at most one of data/fsdp/experts/tensor may be -1 (\"the rest\")")
+        for name, size in zip(names, sizes):
             if size == 0 or size < -1:
                 raise ConfigError(f"mesh.{name} = {size}: must be a positive size or -1")
 

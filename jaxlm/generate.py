@@ -13,9 +13,9 @@ decoding runs in jitted chunks of ``chunk_size`` steps: one ``fori_loop`` per ca
 the last token, the context mask and the random key in its carry, donated so the cache is updated
 in place. Every chunk has the same shapes, so one compile serves them all; the host only sees the
 chunk's tokens, prints them, and decides whether to go on (EOS or a stop string in every row),
-while the next chunk is already queued on the device. On an NVIDIA GPU with nvcc, batches of up
-to 128 rows run each step as one CUDA kernel (``models/toylm_decode``) instead of XLA's ~150, and
-plain greedy decoding runs a whole chunk as one launch of it.
+while the next chunk is already queued on the device. Where a family offers a faster decode step
+(``model.fast_decoder``, the family contract: ToyLM's one-kernel CUDA step on NVIDIA GPUs), it
+replaces ``decode_step``, and plain greedy decoding may run a whole chunk as one call of it.
 
 Randomness: the token at time t of every row is drawn with ``fold_in(key(seed), t)``, so a seed
 gives the same text whatever the chunk size.
@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.errors import ConfigError, JaxlmError
-from jaxlm.models import kv_cache, toylm_decode
+from jaxlm.models import family, kv_cache
 from jaxlm.sampling import SamplingConfig, next_token
 
 # jaxlm.data.tokenizer.DEFAULT_EOS, spelled out: importing jaxlm.data pulls in Grain, which
@@ -45,22 +45,28 @@ from jaxlm.sampling import SamplingConfig, next_token
 EOS_TOKEN = "<|endoftext|>"
 CARD_SAMPLING = SamplingConfig(temperature=0.8, top_p=0.9, repetition_penalty=1.3)  # the model cards' settings
 DEFAULT_CHUNK = 16
-# fori_loop unroll factor of the decode loop: 4 was no faster on an H200 (docs/PERFORMANCE.md,
+# fori_loop unroll factor of the decode loop: unrolling was no faster (docs/PERFORMANCE.md,
 # "Generation"), and a rolled loop compiles faster.
 DECODE_UNROLL = 1
-# Plain greedy chunks through the CUDA step run as one launch that feeds each step's arg-max to
-# the next (toylm_decode.greedy_steps); False: a launch a step, the arg-max in XLA (tests compare).
-GREEDY_CHUNK_IN_KERNEL = True
+# How decode steps run: "auto" (the family's fast step where it runs, greedy chunks in one call
+# of it), "fast_steps" (the fast step, but a call a step and the arg-max here: tests compare),
+# "xla" (always the model's own decode_step).
+DECODE_MODES = ("auto", "fast_steps", "xla")
 
 
 class DecodeState(NamedTuple):
     """The carry of the decode loop; everything a chunk needs to continue."""
 
-    cache: kv_cache.KVCache
+    cache: family.Cache
     token_B: jax.Array     # int32 [B]: the last sampled token, not yet in the cache
     seen_BV: jax.Array     # bool [B, V]: ids in each row's context (repetition penalty); [B, 1] when unused
     done_B: jax.Array      # bool [B]: the row has produced EOS
     rng: jax.Array
+
+    def cache_dtype(self):
+        """The dtype of the cache's largest floating-point array (what a fast step reads)."""
+        arrays = [a for a in jax.tree.leaves(self.cache.layers) if jnp.issubdtype(a.dtype, jnp.floating)]
+        return max(arrays, key=lambda a: a.size).dtype if arrays else None
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -89,14 +95,25 @@ def _plain_greedy(sampling: SamplingConfig) -> bool:
     return sampling.is_greedy and sampling.repetition_penalty == 1.0
 
 
-def min_decode_rows(model) -> int:
+def fast_decoder(model, rows: int, cache_dtype, mode: str = "auto") -> family.FastDecoder | None:
+    """The family's fast decode step for ``rows`` rows, where it offers one that runs here."""
+    if mode not in DECODE_MODES:
+        raise ConfigError(f"decode mode {mode!r}: choose one of {', '.join(DECODE_MODES)}")
+    if mode == "xla" or not hasattr(model, "fast_decoder"):
+        return None
+    found = model.fast_decoder(rows, cache_dtype)
+    return None if isinstance(found, str) else found
+
+
+def min_decode_rows(model, mode: str = "auto") -> int:
     """Rows a decode step runs with at least. On GPU, XLA turns a one-row matmul into an
     elementwise product plus a reduction (two kernels, the product written out), which made
-    batch-1 decoding slower than batch 2 on an H200; a copy of the row avoids that. The CUDA
-    step (``toylm_decode``) is fastest with one row."""
-    if jax.default_backend() != "gpu" or toylm_decode.implementation(model, 1) == "cuda":
-        return 1
-    return 2
+    batch-1 decoding slower than batch 2; a copy of the row avoids that. A family's fast step
+    says itself what it is fastest with."""
+    decoder = fast_decoder(model, 1, model.dtype, mode)
+    if decoder is not None:
+        return decoder.min_rows
+    return 2 if jax.default_backend() == "gpu" else 1
 
 
 def _accept(state: DecodeState, token_B, eos_id: int) -> DecodeState:
@@ -125,39 +142,43 @@ def _prefill(graphdef, params, ids_BP, starts_B, rng, *, cache_len, sampling, eo
     return _accept(empty, token_B, eos_id)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _cuda_step_weights(graphdef, params) -> toylm_decode.DecodeWeights:
-    return toylm_decode.prepare(nnx.merge(graphdef, params))
+@functools.partial(jax.jit, static_argnames=("graphdef", "decoder"))
+def _fast_weights(graphdef, params, decoder: family.FastDecoder):
+    return decoder.prepare(nnx.merge(graphdef, params))
 
 
-def decode_weights(model, graphdef, params, state: DecodeState) -> toylm_decode.DecodeWeights | None:
-    """The CUDA step's weights where it runs, else None: made once per generation and passed to
-    every chunk (re-made inside each chunk, the 109 MB transpose of crowfeather would repeat)."""
-    if toylm_decode.implementation(model, state.token_B.shape[0], state.cache.keys[0].dtype) != "cuda":
-        return None
-    return _cuda_step_weights(graphdef, params)
+def decode_weights(model, graphdef, params, state: DecodeState, mode: str = "auto"):
+    """``(decoder, weights)``: the family's fast step and its weights where it runs, else
+    ``(None, None)``. Made once per generation and passed to every chunk, so that a weight layout
+    of its own (ToyLM's kernel transposes every matrix) is not re-made inside each chunk."""
+    decoder = fast_decoder(model, state.token_B.shape[0], state.cache_dtype(), mode)
+    if decoder is None:
+        return None, None
+    return decoder, _fast_weights(graphdef, params, decoder)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling", "eos_id", "unroll"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "decoder", "steps", "sampling", "eos_id", "unroll",
+                                             "greedy_in_one_call"),
                    donate_argnames=("state",))
-def _decode_chunk(graphdef, params, state: DecodeState, cuda_weights, *, steps, sampling, eos_id,
-                  unroll=DECODE_UNROLL):
+def _decode_chunk(graphdef, params, state: DecodeState, fast_weights, *, decoder, steps, sampling, eos_id,
+                  unroll=DECODE_UNROLL, greedy_in_one_call=True):
     """``steps`` decode steps in one executable: feed the pending token, sample the next, through
-    the CUDA step when ``cuda_weights`` (``decode_weights``) are given, else ``ToyLM.decode_step``.
-    Plain greedy decoding through the CUDA step runs the whole chunk as one launch of it.
+    the family's fast step when ``decoder`` is given (its weights ``fast_weights``), else
+    ``model.decode_step``. Plain greedy decoding through a fast step that offers ``greedy_steps``
+    runs the whole chunk as one call of it.
 
     Returns the new state and the ``[B, steps]`` tokens sampled.
     """
     model = nnx.merge(graphdef, params)
-    if cuda_weights is not None and GREEDY_CHUNK_IN_KERNEL and _plain_greedy(sampling):
-        # A done row's pending token is EOS (_accept), so the kernel repeats it as _accept would.
-        tokens_BN, cache = toylm_decode.greedy_steps(model, cuda_weights, state.token_B, state.cache, steps=steps,
-                                                     eos_id=eos_id)
+    if decoder is not None and decoder.greedy_steps and greedy_in_one_call and _plain_greedy(sampling):
+        # A done row's pending token is EOS (_accept), so the fast step repeats it as _accept would.
+        tokens_BN, cache = decoder.greedy_steps(model, fast_weights, state.token_B, state.cache, steps=steps,
+                                                eos_id=eos_id)
         done_B = state.done_B | jnp.any(tokens_BN == eos_id, axis=1)
         return state._replace(cache=cache, token_B=tokens_BN[:, -1], done_B=done_B), tokens_BN
     decode_step = model.decode_step
-    if cuda_weights is not None:
-        decode_step = functools.partial(toylm_decode.decode_step, model, cuda_weights)
+    if decoder is not None:
+        decode_step = functools.partial(decoder.step, model, fast_weights)
 
     def step(i, carry):
         state, tokens_BN = carry
@@ -177,12 +198,14 @@ def _decode_chunk(graphdef, params, state: DecodeState, cuda_weights, *, steps, 
 def generate_tokens(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                     sampling: SamplingConfig = CARD_SAMPLING, seed: int = 0, eos_id: int | None = None,
                     chunk_size: int = DEFAULT_CHUNK,
-                    on_tokens: Callable[[list[list[int]]], bool] | None = None) -> list[list[int]]:
+                    on_tokens: Callable[[list[list[int]]], bool] | None = None,
+                    decode: str = "auto") -> list[list[int]]:
     """New token ids for each prompt, cut before the first EOS.
 
     Rows decode in lockstep; a row that hits EOS idles until all have or ``max_new_tokens`` is
     reached. ``on_tokens(new_ids_per_row)`` is called as each chunk arrives (the first call holds
-    the one token of the prefill) and may return True to stop early.
+    the one token of the prefill) and may return True to stop early. ``decode``: one of
+    ``DECODE_MODES`` (the same tokens, computed another way).
     """
     sampling.validate()
     prompts = [list(map(int, p)) for p in prompts]
@@ -203,7 +226,7 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     n_chunks = math.ceil((max_new_tokens - 1) / chunk_size)
     prompt_len = bucket(max(map(len, prompts)))
     cache_len = bucket(prompt_len + n_chunks * chunk_size)   # every time step the chunks will write
-    rows = prompts + prompts[-1:] * (min_decode_rows(model) - len(prompts))   # extra rows are dropped
+    rows = prompts + prompts[-1:] * (min_decode_rows(model, decode) - len(prompts))   # extra rows are dropped
     ids_BP = np.zeros((len(rows), prompt_len), np.int32)
     starts_B = np.array([prompt_len - len(p) for p in rows], np.int32)
     for row, prompt in enumerate(rows):
@@ -213,13 +236,14 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     graphdef, params = inference_params(model)
     state = _prefill(graphdef, params, jnp.asarray(ids_BP), jnp.asarray(starts_B), jax.random.key(seed),
                      cache_len=cache_len, sampling=sampling, eos_id=eos)
-    cuda_weights = decode_weights(model, graphdef, params, state)
+    decoder, fast_weights = decode_weights(model, graphdef, params, state, decode)
     pending = state.token_B[:, None]
     outputs: list[list[int]] = [[] for _ in prompts]
     for c in range(n_chunks + 1):
         if c < n_chunks:  # queue the next chunk before reading the last one, so the device never waits
-            state, next_pending = _decode_chunk(graphdef, params, state, cuda_weights, steps=chunk_size,
-                                                sampling=sampling, eos_id=eos)
+            state, next_pending = _decode_chunk(graphdef, params, state, fast_weights, decoder=decoder,
+                                                steps=chunk_size, sampling=sampling, eos_id=eos,
+                                                greedy_in_one_call=decode == "auto")
         new = np.asarray(pending)[:len(prompts)].tolist()
         room = max_new_tokens - len(outputs[0])
         new = [row[:room] for row in new]
@@ -315,23 +339,28 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
     """Greedy decoding speed of random weights: ``new_tokens`` cached decode steps after a prefill.
 
     ``chunk_size`` steps run per call (default: all of them in one call); ``attention`` forces
-    "xla" or "pallas" for the cached attention, ``step`` "xla" or "cuda" for the whole decode
-    step (``toylm_decode``). Returns tokens_per_s and ms_per_step (median over
-    ``repeats``; a batch of 1 runs as ``min_decode_rows(model)`` rows and counts one), prefill_ms,
-    compile_s, and memory: params_bytes, cache_bytes, peak_bytes (parameters + the CUDA step's
-    weights, if used + decode state + the executable's temporaries, from XLA's memory analysis) and allocator_peak_bytes (the
-    device allocator's process-wide peak, where the backend reports one).
+    "xla" or "pallas" for the cached attention (``kv_cache.IMPLEMENTATION``), ``step`` a decode
+    mode (``DECODE_MODES``: "xla" for the model's own step). Returns tokens_per_s and ms_per_step
+    (median over ``repeats``; a batch of 1 runs as ``min_decode_rows(model)`` rows and counts one),
+    prefill_ms, compile_s, and memory: params_bytes, cache_bytes, peak_bytes (parameters + a fast
+    step's weights, if used + decode state + the executable's temporaries, from XLA's memory
+    analysis) and allocator_peak_bytes (the device allocator's process-wide peak, where the
+    backend reports one).
     """
     from jaxlm.models import build_model
     if isinstance(cfg_or_model, nnx.Module):
         model = cfg_or_model
     else:
         model = build_model(cfg_or_model, rngs=nnx.Rngs(seed), dtype=dtype)
+    with kv_cache.IMPLEMENTATION.scope(attention):
+        jax.clear_caches()   # traces made with another implementation must not be reused
+        return _benchmark_decode(model, batch, prompt_len, new_tokens, chunk_size, repeats, unroll,
+                                 step or "auto", seed)
+
+
+def _benchmark_decode(model, batch, prompt_len, new_tokens, chunk_size, repeats, unroll, mode, seed) -> dict:
     cfg = model.cfg
-    if (attention, step) != (kv_cache.IMPLEMENTATION_OVERRIDE, toylm_decode.IMPLEMENTATION_OVERRIDE):
-        kv_cache.IMPLEMENTATION_OVERRIDE, toylm_decode.IMPLEMENTATION_OVERRIDE = attention, step
-        jax.clear_caches()   # traces made with the other implementation must not be reused
-    rows = max(batch, min_decode_rows(model))
+    rows = max(batch, min_decode_rows(model, mode))
     chunk_size = chunk_size or new_tokens
     n_chunks = math.ceil(new_tokens / chunk_size)
     cache_len = bucket(prompt_len + n_chunks * chunk_size)
@@ -339,7 +368,7 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
     graphdef, params = inference_params(model)
     ids_BP = jax.random.randint(jax.random.key(seed + 1), (rows, prompt_len), 0, cfg.vocab_size, jnp.int32)
     starts_B = jnp.zeros((rows,), jnp.int32)
-    kwargs = dict(steps=chunk_size, sampling=sampling, eos_id=-1, unroll=unroll)
+    kwargs = dict(steps=chunk_size, sampling=sampling, eos_id=-1, unroll=unroll, greedy_in_one_call=mode == "auto")
 
     def fresh_state():
         state = _prefill(graphdef, params, ids_BP, starts_B, jax.random.key(seed), cache_len=cache_len,
@@ -347,11 +376,12 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
         return jax.block_until_ready(state)
 
     state = fresh_state()
-    cuda_weights = jax.block_until_ready(decode_weights(model, graphdef, params, state))   # once, as generate does
+    decoder, fast_weights = decode_weights(model, graphdef, params, state, mode)   # once, as generate does
+    fast_weights = jax.block_until_ready(fast_weights)
     t0 = time.perf_counter()
-    compiled = _decode_chunk.lower(graphdef, params, state, cuda_weights, **kwargs).compile()
+    compiled = _decode_chunk.lower(graphdef, params, state, fast_weights, decoder=decoder, **kwargs).compile()
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(params, fresh_state(), cuda_weights))   # warm-up (first-run allocations)
+    jax.block_until_ready(compiled(params, fresh_state(), fast_weights))   # warm-up (first-run allocations)
 
     prefill_times, decode_times = [], []
     for _ in range(repeats):
@@ -360,7 +390,7 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
         prefill_times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for _ in range(n_chunks):
-            state, tokens = compiled(params, state, cuda_weights)
+            state, tokens = compiled(params, state, fast_weights)
         jax.block_until_ready(tokens)
         decode_times.append(time.perf_counter() - t0)
     step_s = float(np.median(decode_times)) / (n_chunks * chunk_size)
@@ -371,12 +401,18 @@ def benchmark_decode(cfg_or_model, batch: int, prompt_len: int = 16, new_tokens:
     stats = jax.devices()[0].memory_stats() or {}
     return dict(
         batch=batch, rows=rows, prompt_len=prompt_len, new_tokens=n_chunks * chunk_size, chunk_size=chunk_size,
-        dtype=jnp.dtype(model.dtype).name, attention=kv_cache.attention_implementation(state.cache.keys[-1]),
-        step="xla" if cuda_weights is None else "cuda",
+        dtype=jnp.dtype(model.dtype).name, attention=_cached_attention(state.cache),
+        step="xla" if decoder is None else decoder.name,
         backend=jax.default_backend(), device=jax.devices()[0].device_kind,
         tokens_per_s=batch / step_s, ms_per_step=step_s * 1e3, prefill_ms=float(np.median(prefill_times)) * 1e3,
         compile_s=compile_s, params_bytes=nbytes(params), cache_bytes=nbytes(state.cache),
-        peak_bytes=nbytes(params) + nbytes(cuda_weights) + nbytes(state) + temp, allocator_peak_bytes=stats.get("peak_bytes_in_use"))
+        peak_bytes=nbytes(params) + nbytes(fast_weights) + nbytes(state) + temp, allocator_peak_bytes=stats.get("peak_bytes_in_use"))
+
+
+def _cached_attention(cache: family.Cache) -> str:
+    """The cached-attention implementation of the cache's last KV layer (what a step runs), if any."""
+    kv_layers = [layer for layer in cache.layers if isinstance(layer, kv_cache.KVLayer)]
+    return kv_cache.attention_implementation(kv_layers[-1].keys) if kv_layers else "none"
 
 
 # --------------------------------------------------------------------------- command line

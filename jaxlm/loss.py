@@ -1,8 +1,11 @@
-"""Next-token cross-entropy plus z-loss on the model's (soft-capped) logits, in float32.
+"""Next-token cross-entropy, the family's head terms (z-loss) and its auxiliary losses, in float32.
 
-The model exposes ``hidden(ids)`` and ``logits(hidden)``; splitting the two lets the
-loss compute logits a chunk of positions at a time, so that the float32 ``[B, T, V]``
-tensor never exists at once (its backward recomputes each chunk).
+The model exposes ``hidden(ids) -> (hidden, aux)`` and ``logits(hidden)`` (the family contract,
+``jaxlm/models/family.py``); splitting the two lets the loss compute logits a chunk of positions
+at a time, so that the float32 ``[B, T, V]`` tensor never exists at once (its backward
+recomputes each chunk). The auxiliary losses a model returns (MoE balance, router z-loss) are
+added to the objective as they are, and each is reported under its name; its auxiliary metrics
+are reported too.
 
 The fused path (``fused=True``, models with ``output_projection``) goes further: one pass
 over the chunks computes the loss and, at once, its gradients with respect to the hidden
@@ -18,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.models.family import HeadLoss
+
 IGNORE_INDEX = -100  # targets below zero (padding) do not count
 
 
@@ -31,22 +36,33 @@ def token_losses(logits_BTV, targets_BT):
     return jnp.where(valid_BT, lse_BT - target_logit_BT, 0.0), jnp.where(valid_BT, lse_BT, 0.0)
 
 
-def lm_loss(model, tokens_BT1, *, chunk: int = 0, fused: bool = False, **layer_options):
-    """Mean cross-entropy + ``z_loss_weight`` x z-loss of a ``[B, T+1]`` token window.
+def lm_loss(model, tokens_BT1, *, chunk: int = 0, fused: bool = False, head_loss: HeadLoss | None = None,
+            **layer_options):
+    """Mean cross-entropy + ``z_weight`` x z-loss + the model's auxiliary losses of a ``[B, T+1]``
+    token window.
 
-    Returns ``(loss, metrics)`` with the cross-entropy and z-loss separately in metrics.
-    ``chunk`` > 0 computes the logits ``chunk`` positions at a time. ``fused`` computes the
-    head's gradients in that same pass (the same loss and gradients; PaLM z-loss form only,
-    the other form is computed unfused) and, with ``chunk`` 0, picks its own chunk size.
-    ``layer_options`` (``remat``, ``scan_layers``) go to ``model.hidden``.
+    Returns ``(loss, metrics)`` with the cross-entropy, z-loss, each auxiliary loss and metric
+    separately in metrics. ``head_loss`` defaults to the family's recipe
+    (``model.cfg.loss_terms()``). ``chunk`` > 0 computes the logits ``chunk`` positions at a time.
+    ``fused`` computes the head's gradients in that same pass (the same loss and gradients; PaLM
+    z-loss form only, the other form is computed unfused) and, with ``chunk`` 0, picks its own
+    chunk size. ``layer_options`` (``remat``, ``scan_layers``) go to ``model.hidden``.
     """
-    cfg = model.cfg
+    head_loss = model.cfg.loss_terms() if head_loss is None else head_loss
     # Padding (IGNORE_INDEX) may appear as an input too; any valid id stands in for it there.
     inputs_BT, targets_BT = jnp.maximum(tokens_BT1[:, :-1], 0), tokens_BT1[:, 1:]
-    hidden_BTD = model.hidden(inputs_BT, **layer_options)
+    hidden_BTD, aux = model.hidden(inputs_BT, **layer_options)
+    loss, metrics = _head_loss(model, hidden_BTD, targets_BT, chunk, fused, head_loss)
+    for name, value in aux.losses.items():
+        loss = loss + value
+        metrics[name] = value
+    return loss, {**metrics, **aux.metrics}
+
+
+def _head_loss(model, hidden_BTD, targets_BT, chunk, fused, head_loss: HeadLoss):
     B, T, _ = hidden_BTD.shape
     count = jnp.maximum(jnp.sum(targets_BT >= 0), 1)
-    z_form, z_weight = getattr(cfg, "z_loss_form", "mean_sq"), getattr(cfg, "z_loss_weight", 0.0)
+    z_form, z_weight = head_loss.z_form, head_loss.z_weight
 
     if fused and z_form == "mean_sq" and hasattr(model, "output_projection"):
         table_VD, cap, dtype = model.output_projection()

@@ -1,10 +1,12 @@
 """The device mesh and the mapping of logical parameter axes onto it.
 
 Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameters and
-optimizer state sharded, ZeRO-3 style) and ``tensor`` (heads / MLP hidden split).
-Parameters name their axes logically (``embed``, ``heads``, ``mlp``, ``vocab``, ``norm``);
-``LOGICAL_RULES`` says which mesh axis each logical axis is split over. The batch is
-split over ``data`` x ``fsdp``. XLA's SPMD partitioner inserts all communication.
+optimizer state sharded, ZeRO-3 style), ``experts`` (a mixture of experts' experts split, the
+batch split with them) and ``tensor`` (heads / MLP hidden split). Parameters name their axes
+logically (``embed``, ``heads``, ``kv``, ``mlp``, ``vocab``, ``norm``, ``experts``, ``layers``);
+``LOGICAL_RULES`` says which mesh axis each logical axis is split over, and a name it does not
+know is an error. The batch is split over ``data`` x ``fsdp`` x ``experts``. XLA's SPMD
+partitioner inserts all communication.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from jaxlm.config import MeshConfig
 from jaxlm.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "experts", "tensor")
+BATCH_AXES = ("data", "fsdp", "experts")
 
 LOGICAL_RULES = {
     "embed": "fsdp",
     "vocab": "tensor",
     "heads": "tensor",
+    "kv": None,          # key/value heads: few (GQA, MLA's one shared head), kept whole
     "mlp": "tensor",
+    "experts": "experts",
+    "layers": None,      # a stacked layer axis
     "norm": None,
 }
 
@@ -37,15 +42,10 @@ LOGICAL_RULES = {
 ACTIVATION_RULES = {"batch": BATCH_AXES, "length": None, "act_embed": None, "act_heads": "tensor"}
 
 
-@contextlib.contextmanager
 def activation_rules(rules: dict | None = None):
     """Within this block, models pin activations at block boundaries (see layers.constrain)."""
     from jaxlm.models import layers
-    previous, layers._ACTIVATION_RULES = layers._ACTIVATION_RULES, rules or ACTIVATION_RULES
-    try:
-        yield
-    finally:
-        layers._ACTIVATION_RULES = previous
+    return layers.ACTIVATION_RULES.scope(rules or ACTIVATION_RULES)
 
 
 @contextlib.contextmanager
@@ -61,7 +61,7 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     Axis types are Auto: with Explicit axes, optax's Muon fails on sharded parameters.
     """
     devices = devices if devices is not None else jax.devices()
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    sizes = [cfg.data, cfg.fsdp, cfg.experts, cfg.tensor]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
@@ -69,15 +69,18 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ConfigError(
-            f"mesh: data x fsdp x tensor = {'x'.join(map(str, sizes))} = {math.prod(sizes)}, "
+            f"mesh: data x fsdp x experts x tensor = {'x'.join(map(str, sizes))} = {math.prod(sizes)}, "
             f"but {len(devices)} devices are present; use -1 for one axis to take the rest")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_to_spec(logical_axes, shape, mesh) -> P:
     """Partition spec for one parameter; an axis whose size the mesh axis does not divide stays whole."""
     spec = []
     for name, size in zip(logical_axes, shape):
+        if name is not None and name not in LOGICAL_RULES:
+            raise ValueError(f"parameter axis {name!r} has no sharding rule in jaxlm.sharding.LOGICAL_RULES; "
+                             f"known: {', '.join(LOGICAL_RULES)}")
         axis = LOGICAL_RULES.get(name)
         if axis is not None and (size % mesh.shape[axis] or axis in spec):
             axis = None
@@ -100,12 +103,12 @@ def state_shardings(abstract_state, mesh):
 
 
 def batch_sharding(mesh, batch_axis: int = 0) -> NamedSharding:
-    """Sequences (axis ``batch_axis``) split over data x fsdp; every other axis whole."""
+    """Sequences (axis ``batch_axis``) split over data x fsdp x experts; every other axis whole."""
     return NamedSharding(mesh, P(*[None] * batch_axis, BATCH_AXES))
 
 
 def global_batch(host_batch: np.ndarray, mesh, batch_axis: int = 0) -> jax.Array:
-    """Assemble this process's rows into one global array sharded over data x fsdp."""
+    """Assemble this process's rows into one global array sharded over the batch axes."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh, batch_axis), host_batch)
 
 

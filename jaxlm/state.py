@@ -1,9 +1,13 @@
-"""The training state: ``{step, params, opt_state, rng}``, a plain pytree of arrays.
+"""The training state: ``{step, params, opt_state, rng}`` (and ``buffers``), a plain pytree of arrays.
 
 A pytree rather than a stateful ``nnx.Optimizer`` object, because three things want
 plain arrays with known shardings: ``jit`` with donated buffers, Orbax (save and
 restore onto any mesh), and the converters. The model's structure (its graphdef) is
 static and rebuilt from the config wherever needed.
+
+``buffers`` holds the model's :class:`jaxlm.models.family.Buffer` variables (non-trained state a
+family declares, such as a router bias), present only when the model has any: the optimizer
+never sees them, checkpoints keep them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from flax import nnx
 from jaxlm import config as C
 from jaxlm import sharding
 from jaxlm.models import build_model
+from jaxlm.models.family import Buffer
 from jaxlm.optim import build_optimizer
 
 
@@ -29,11 +34,25 @@ def make_model(cfg: C.Config, rng):
     return build_model(cfg.model, rngs=nnx.Rngs(params=rng), dtype=compute_dtype(cfg))
 
 
+def split_model(model):
+    """``(graphdef, params, buffers)``; ``buffers`` is None when the model has no Buffer variables."""
+    graphdef, params, buffers = nnx.split(model, nnx.Param, Buffer)
+    return graphdef, params, (buffers if jax.tree.leaves(buffers) else None)
+
+
+def merge_model(graphdef, params, buffers=None):
+    """The model back from ``split_model``'s parts (``buffers`` None: it has none)."""
+    return nnx.merge(graphdef, params, *([] if buffers is None else [buffers]))
+
+
 def init_state(cfg: C.Config, tx, rng) -> dict:
     params_rng, state_rng = jax.random.split(rng)
-    params = nnx.state(make_model(cfg, params_rng), nnx.Param)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": jax.random.key_data(state_rng)}
+    _, params, buffers = split_model(make_model(cfg, params_rng))
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "rng": jax.random.key_data(state_rng)}
+    if buffers is not None:
+        state["buffers"] = buffers
+    return state
 
 
 @dataclasses.dataclass
@@ -54,7 +73,7 @@ class StatePlan:
 
 def plan_state(cfg: C.Config, mesh) -> StatePlan:
     rng = jax.random.key(cfg.seed)
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: make_model(cfg, rng)), nnx.Param)
+    graphdef, abstract_params, _ = split_model(nnx.eval_shape(lambda: make_model(cfg, rng)))
     tx, learning_rates = build_optimizer(cfg.optim, abstract_params, cfg.train.steps)
     abstract = jax.eval_shape(lambda: init_state(cfg, tx, rng))
     shardings = sharding.state_shardings(abstract, mesh)

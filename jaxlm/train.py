@@ -25,9 +25,11 @@ from jaxlm import hardware, sharding
 from jaxlm.errors import JaxlmError
 from jaxlm.loss import lm_loss
 from jaxlm.models import family_of
+from jaxlm.models import family
+from jaxlm.models.family import Buffer
 from jaxlm.monitor import Monitor
 from jaxlm.sampling import SamplingConfig
-from jaxlm.state import plan_state
+from jaxlm.state import merge_model, plan_state
 
 
 # --------------------------------------------------------------------------- summary
@@ -52,10 +54,9 @@ def summary(cfg: C.Config) -> str:
         f"{logits_bytes / 2**20:,.0f} MiB float32 logits per micro-batch "
         f"({act_dtype_bytes}-byte activations not counted)",
     ]
-    if hasattr(m, "layer_kinds"):
-        kinds = m.layer_kinds()
-        lines.append("attention         " + " ".join(
-            f"{i}:{k}" + (f"({m.layer_window(i)})" if k == "sliding" else "") for i, k in enumerate(kinds)))
+    lines.append("layers            " + " ".join(f"{i}:{k}" for i, k in enumerate(family.layer_descriptions(m))))
+    if m.flops_note():
+        lines.append("FLOP formula      " + m.flops_note())
     return "\n".join(lines)
 
 
@@ -67,27 +68,37 @@ def make_train_step(graphdef, tx, cfg: C.Config):
 
     t = cfg.train
 
-    def loss_fn(params, tokens_BT1):
-        return lm_loss(nnx.merge(graphdef, params), tokens_BT1, chunk=t.loss_chunk, fused=t.fused_loss,
-                       remat=t.remat, scan_layers=t.scan_layers)
+    head_loss = cfg.model.loss_terms()
+
+    def loss_fn(params, buffers, tokens_BT1):
+        model = merge_model(graphdef, params, buffers)
+        loss, metrics = lm_loss(model, tokens_BT1, chunk=t.loss_chunk, fused=t.fused_loss, head_loss=head_loss,
+                                remat=t.remat, scan_layers=t.scan_layers)
+        # The model may update its buffers in the forward pass (outside the gradient).
+        new_buffers = None if buffers is None else nnx.state(model, Buffer)
+        return loss, (metrics, new_buffers)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state, tokens_GBT1):
         params = state["params"]
 
-        def micro_step(grads_sum, tokens_BT1):
-            (loss, metrics), grads = grad_fn(params, tokens_BT1)
-            return jax.tree.map(jnp.add, grads_sum, grads), (loss, metrics)
+        def micro_step(carry, tokens_BT1):
+            grads_sum, buffers = carry
+            (loss, (metrics, buffers)), grads = grad_fn(params, buffers, tokens_BT1)
+            return (jax.tree.map(jnp.add, grads_sum, grads), buffers), (loss, metrics)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads_sum, (losses, metrics) = jax.lax.scan(micro_step, zeros, tokens_GBT1)
+        (grads_sum, buffers), (losses, metrics) = jax.lax.scan(micro_step, (zeros, state.get("buffers")),
+                                                               tokens_GBT1)
         grads = jax.tree.map(lambda g: g / tokens_GBT1.shape[0], grads_sum)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state, "rng": state["rng"]}
+        new_state = {**state, "step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        if buffers is not None:
+            new_state["buffers"] = buffers
         out = {"loss": jnp.mean(losses), "grad_norm": optax.global_norm(grads),
-               **{k: jnp.mean(v) for k, v in metrics.items()}}
+               **{k: jnp.mean(v, axis=0) for k, v in metrics.items()}}
         return new_state, out
 
     return train_step
@@ -101,8 +112,8 @@ def jit_train_step(plan, cfg: C.Config):
 
 
 def make_eval_step(graphdef):
-    def eval_step(params, tokens_BT1):
-        loss, metrics = lm_loss(nnx.merge(graphdef, params), tokens_BT1)
+    def eval_step(params, buffers, tokens_BT1):
+        loss, metrics = lm_loss(merge_model(graphdef, params, buffers), tokens_BT1)
         return metrics["ce"]
     return eval_step
 
@@ -169,7 +180,7 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
             step += 1
             window_steps += 1
             if step % t.log_every == 0 or step == t.steps:
-                metrics = jax.device_get(metrics)
+                metrics = scalar_metrics(jax.device_get(metrics))
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_steps * t.batch_size * t.seq_len * t.grad_accum / elapsed
                 metrics["tokens_per_s"] = tokens_per_s
@@ -197,10 +208,11 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
             monitor.log(step, {"loss": result["eval_loss"], "unigram_baseline": result["unigram_loss"]},
                         prefix="eval")
             if t.sample_prompt:
-                params = (multihost_utils.process_allgather(state["params"], tiled=True)
-                          if jax.process_count() > 1 else jax.device_get(state["params"]))
+                weights = {k: state[k] for k in ("params", "buffers") if k in state}
+                weights = (multihost_utils.process_allgather(weights, tiled=True)
+                           if jax.process_count() > 1 else jax.device_get(weights))
             if t.sample_prompt and is_main:
-                model = nnx.merge(graphdef, params)
+                model = merge_model(graphdef, weights["params"], weights.get("buffers"))
                 result["sample"] = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, cfg.seed)
                 monitor.print(f"sample: {t.sample_prompt}{result['sample']}")
         else:
@@ -209,6 +221,18 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
     png = monitor.close()
     result["loss_png"] = str(png) if png else None
     return result
+
+
+def scalar_metrics(metrics: dict) -> dict:
+    """Each metric as floats for the log: a vector (per-expert load) becomes ``name/i`` entries."""
+    out = {}
+    for name, value in metrics.items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            out[name] = float(value)
+        else:
+            out.update({f"{name}/{i}": float(v) for i, v in enumerate(value.ravel())})
+    return out
 
 
 def _install_signal_handlers() -> dict:
@@ -234,7 +258,7 @@ def evaluate(cfg: C.Config, eval_fn, state, tokenizer, mesh) -> float:
                                        process_index=jax.process_index(), process_count=jax.process_count())
     losses = []
     for _, batch in zip(range(t.eval_batches), heldout):
-        losses.append(float(eval_fn(state["params"], sharding.global_batch(batch, mesh))))
+        losses.append(float(eval_fn(state["params"], state.get("buffers"), sharding.global_batch(batch, mesh))))
     return float(np.mean(losses)) if losses else float("nan")
 
 

@@ -80,14 +80,14 @@ def test_cached_logits_through_the_pallas_kernel(monkeypatch):
     model = random_model(cfg)
     ids = jax.random.randint(jax.random.key(5), (2, 44), 0, cfg.vocab_size)   # past the 32-slot ring
     full = np.asarray(jax.jit(lambda x: model(x))(ids))[:, 39:]
-    monkeypatch.setattr(kv_cache, "IMPLEMENTATION_OVERRIDE", "pallas_interpret")
-    np.testing.assert_allclose(cached_logits(model, ids, 40, max_len=64), full, atol=1e-5, rtol=0)
+    with kv_cache.IMPLEMENTATION.scope("pallas_interpret"):
+        np.testing.assert_allclose(cached_logits(model, ids, 40, max_len=64), full, atol=1e-5, rtol=0)
 
 
 def test_sliding_layers_keep_only_their_window():
     cache = random_model().init_cache(batch=3, max_len=1000)
-    assert [k.shape for k in cache.keys] == [(3, 2, 6, 16), (3, 2, 1000, 16)] * 2
-    assert [v.shape for v in cache.values] == [k.shape for k in cache.keys]
+    assert [layer.keys.shape for layer in cache.layers] == [(3, 2, 6, 16), (3, 2, 1000, 16)] * 2
+    assert [layer.values.shape for layer in cache.layers] == [layer.keys.shape for layer in cache.layers]
 
 
 def test_left_padded_rows_equal_each_prompt_alone():

@@ -100,7 +100,7 @@ def test_fsdp_gives_cudnn_attention_query_key_value_of_one_layout(monkeypatch, b
     monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
     monkeypatch.setattr(fused, "check_is_flash_attention", lambda *args, **kwargs: None)
     monkeypatch.setattr(fused, "_check_qkv_bias_mask_spec", watched_check)
-    monkeypatch.setattr(layers, "ATTENTION_OVERRIDE", "cudnn")
+    monkeypatch.setattr(layers, "attention_implementation", lambda dtype: "cudnn")
 
     cfg = C.load_config("quickstart.py", ["model.n_layers=2", "train.batch_size=8", "train.seq_len=64",
                                           "train.compute_dtype=bfloat16", "mesh.data=1", "mesh.fsdp=8"])

@@ -1,4 +1,4 @@
-"""The CUDA decode step (jaxlm.models.toylm_decode).
+"""The CUDA decode step (jaxlm.models.toylm.decode_kernel).
 
 Everywhere: the weights it reads reproduce the model's projections, it is not used where it
 cannot run, and a failed build is one clear line. With nvcc: both builds compile. On an NVIDIA
@@ -18,11 +18,17 @@ from flax import nnx
 
 from jaxlm import generate as G
 from jaxlm.errors import JaxlmError
-from jaxlm.models import kv_cache, layers, toylm_decode
+from jaxlm.models import family, kv_cache, layers
+from jaxlm.models.toylm import decode_kernel as toylm_decode
 from jaxlm.models.toylm import ToyLM, ToyLMConfig
 
 TINY = dict(vocab_size=256, dim=64, n_layers=4, n_heads=4, head_dim=16, mlp_hidden=128, max_seq_len=64,
             sliding_window=8)
+def cache_arrays(cache):
+    """Every layer's keys and values, in one list."""
+    return [array for layer in cache.layers for array in layer]
+
+
 ON_GPU = jax.default_backend() == "gpu" and toylm_decode.find_nvcc() is not None
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU and nvcc (the kernel runs nowhere else)")
 
@@ -84,8 +90,8 @@ def test_too_many_rows_or_mixed_dtypes_are_refused(monkeypatch):
     odd_head = tiny_model(dtype=jnp.bfloat16, dim=48, n_heads=4, head_dim=12)   # no tensor-core tiles
     assert "head_dim 12" in toylm_decode.unsupported(odd_head, toylm_decode.MAX_ROWS + 1)
     assert toylm_decode.unsupported(odd_head, toylm_decode.MAX_ROWS) is None      # the CUDA cores take it
-    monkeypatch.setattr(toylm_decode, "BUILD_OVERRIDE", "tensor_cores")
-    assert "16-bit" in toylm_decode.unsupported(model, 1)
+    with toylm_decode.BUILD.scope("tensor_cores"):
+        assert "16-bit" in toylm_decode.unsupported(model, 1)
 
 
 def _fake_nvcc(tmp_path, script: str) -> str:
@@ -144,7 +150,7 @@ def test_cuda_step_equals_the_xla_step_past_the_window(overrides, rows):
             xla_logits, xla_cache = xla_step(ids[:, prompt + t], xla_cache)
             cuda_logits, cuda_cache = cuda_step(weights, ids[:, prompt + t], cuda_cache)
             np.testing.assert_allclose(cuda_logits, xla_logits, atol=1e-5, rtol=0)
-    for xla_c, cuda_c in zip(xla_cache.keys + xla_cache.values, cuda_cache.keys + cuda_cache.values):
+    for xla_c, cuda_c in zip(cache_arrays(xla_cache), cache_arrays(cuda_cache)):
         np.testing.assert_allclose(cuda_c, xla_c, atol=1e-5, rtol=0)
 
 
@@ -157,10 +163,10 @@ def test_generate_gives_the_same_tokens_through_the_kernel(monkeypatch):
     greedy = G.SamplingConfig(greedy=True)
 
     def tokens(implementation, chunk_in_kernel=True, eos_id=None):
-        monkeypatch.setattr(toylm_decode, "IMPLEMENTATION_OVERRIDE", implementation)
-        monkeypatch.setattr(G, "GREEDY_CHUNK_IN_KERNEL", chunk_in_kernel)
+        mode = "xla" if implementation == "xla" else "auto" if chunk_in_kernel else "fast_steps"
         jax.clear_caches()
-        return G.generate_tokens(model, prompts, max_new_tokens=30, sampling=greedy, eos_id=eos_id, chunk_size=7)
+        return G.generate_tokens(model, prompts, max_new_tokens=30, sampling=greedy, eos_id=eos_id, chunk_size=7,
+                                 decode=mode)
 
     with jax.default_matmul_precision("highest"):
         through_xla = tokens("xla")
@@ -198,15 +204,14 @@ def test_tensor_core_build_gives_each_row_what_the_cuda_core_build_gives(overrid
     cuda_core_step = jax.jit(lambda w, i, c: toylm_decode.decode_step(model, w, i, c))
     xla_step = jax.jit(model.decode_step)
     slices = [np.arange(min(2, rows)), np.arange(max(rows - 2, 0), rows)]
-    take = lambda c, r: kv_cache.KVCache(tuple(k[r] for k in c.keys), tuple(v[r] for v in c.values), c.length,
-                                         c.starts_B[r])
+    take = lambda c, r: family.Cache(tuple(kv_cache.KVLayer(layer.keys[r], layer.values[r]) for layer in c.layers),
+                                     c.length, c.starts_B[r])
     many_cache, xla_cache, few_caches = cache, cache, [take(cache, r) for r in slices]
     for t in range(steps):
         token = ids[:, prompt + t]
         many_logits, many_cache = step(weights, token, many_cache)
-        monkeypatch.setattr(toylm_decode, "BUILD_OVERRIDE", "cuda_cores")
-        few = [cuda_core_step(weights, token[r], few_caches[k]) for k, r in enumerate(slices)]
-        monkeypatch.setattr(toylm_decode, "BUILD_OVERRIDE", None)
+        with toylm_decode.BUILD.scope("cuda_cores"):
+            few = [cuda_core_step(weights, token[r], few_caches[k]) for k, r in enumerate(slices)]
         xla_logits, xla_cache = xla_step(token, xla_cache)
         scale = float(jnp.max(jnp.abs(xla_logits)))
         # against XLA's bf16 step, which rounds the residual per op: within bf16 rounding
@@ -215,7 +220,7 @@ def test_tensor_core_build_gives_each_row_what_the_cuda_core_build_gives(overrid
             few_logits, few_caches[k] = few[k]
             np.testing.assert_allclose(many_logits[r], few_logits, atol=1e-2 * scale, rtol=0)
     for k, r in enumerate(slices):
-        for many, few in zip(many_cache.keys + many_cache.values, few_caches[k].keys + few_caches[k].values):
+        for many, few in zip(cache_arrays(many_cache), cache_arrays(few_caches[k])):
             many, few = np.asarray(many[r], np.float32), np.asarray(few, np.float32)
             np.testing.assert_allclose(many, few, atol=1e-2 * np.abs(few).max(), rtol=0)
 
@@ -253,5 +258,5 @@ def test_greedy_steps_in_one_launch_equal_a_launch_a_step(dtype, rows):
     np.testing.assert_array_equal(np.concatenate([first, rest], axis=1), expected)
     assert (expected[0, 5:] == eos).all()
     assert int(c.length) == int(cache.length) + steps
-    for got, want in zip(c.keys + c.values, expected_cache.keys + expected_cache.values):
+    for got, want in zip(cache_arrays(c), cache_arrays(expected_cache)):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

@@ -13,8 +13,9 @@ loss and the converter know a family only through the two protocols below and th
   from the run's config is refused; the others (conventions, losses) may change.
 - ``validate()``: raise :class:`jaxlm.errors.ConfigError` naming the field on a bad value.
 - ``param_count()``, ``flops_per_token(seq_len)`` (training FLOPs, forward + backward), used for
-  MFU; ``layer_kinds()``: one short name per layer for ``--dry_run``; ``flops_note()``: a line
-  that states the FLOP formula of any layer kind that is not plain attention ("" if none).
+  MFU; ``layer_kinds()``: one short name per layer (``layer_descriptions()``, optional: the same
+  with each layer's settings, for ``--dry_run``); ``flops_note()``: a line that states the FLOP
+  formula of any layer kind that is not plain attention ("" if none).
 - ``loss_terms()``: :class:`HeadLoss`, the extra terms on the logits that the family's recipe
   adds to the cross-entropy (z-loss); ``HeadLoss()`` for none.
 
@@ -126,6 +127,12 @@ class FamilyModel(Protocol):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache: ...
     def prefill(self, ids_BT, cache: Cache, starts_B=None): ...
     def decode_step(self, ids_B, cache: Cache): ...
+
+
+def layer_descriptions(cfg) -> list[str]:
+    """What ``--dry_run`` prints for each layer: its description where the family gives one."""
+    describe = getattr(cfg, "layer_descriptions", None)
+    return describe() if describe else cfg.layer_kinds()
 
 
 @dataclasses.dataclass(frozen=True)

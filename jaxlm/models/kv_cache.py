@@ -21,21 +21,18 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jaxlm.switches import Switch
+
 # Stands for -inf in masked scores: exp() of it is 0, and it never makes NaN (as in jax.nn).
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-class KVCache(NamedTuple):
-    """The keys and values of every layer, plus where each row starts.
+class KVLayer(NamedTuple):
+    """One attention layer's cache entry: keys and values ``[B, H, S, K]`` (heads before slots,
+    so that the decode attention is a batched matmul over ``B x H`` without a transpose)."""
 
-    ``keys[i]`` / ``values[i]`` are ``[B, H, S_i, K]`` (heads before slots, so that the decode
-    attention is a batched matmul over ``B x H`` without a transpose of the cache).
-    """
-
-    keys: tuple
-    values: tuple
-    length: jax.Array      # int32 []: time steps written so far, i.e. the next token's time
-    starts_B: jax.Array    # int32 [B]: time of each row's first real token (its left-pad count)
+    keys: jax.Array
+    values: jax.Array
 
 
 def slot_times(time, size: int):
@@ -85,20 +82,18 @@ def store_prompt(cache_BHSK, new_BHTK):
 # --------------------------------------------------------------------------- one new token
 
 PALLAS_BLOCK = 32          # cache slots per step of the kernel's loop
-# "xla" or "pallas" forces an implementation (benchmarks compare them); None chooses.
-IMPLEMENTATION_OVERRIDE: str | None = None
+# ``with IMPLEMENTATION.scope("xla"):`` forces an implementation (benchmarks compare them).
+IMPLEMENTATION = Switch("decode attention implementation", ("xla", "pallas", "pallas_interpret"))
 
-
-# Rows x heads from which the kernel pays. Its programs walk the cache one block after another,
-# so with few of them it is latency-bound: on an H200 (ToyLM, 8 heads) it was slower than XLA
-# at 2 rows (11 us against 7 us a layer) and faster at 64 and 256; between, not measured.
+# Rows x heads from which the kernel pays: its programs walk the cache one block after another,
+# so with few of them it is latency-bound (docs/PERFORMANCE.md, "Generation", has the crossover).
 PALLAS_MIN_ROW_HEADS = 256
 
 
 def attention_implementation(cache_BHSK) -> str:
     """The Pallas kernel on GPU for large batches of half-precision caches it tiles, else XLA."""
-    if IMPLEMENTATION_OVERRIDE:
-        return IMPLEMENTATION_OVERRIDE
+    if IMPLEMENTATION.get():
+        return IMPLEMENTATION.get()
     B, H, S, K = cache_BHSK.shape
     if (jax.default_backend() == "gpu" and cache_BHSK.dtype in (jnp.bfloat16, jnp.float16)
             and B * H >= PALLAS_MIN_ROW_HEADS and S % PALLAS_BLOCK == 0 and K in (16, 32, 64, 128, 256)):

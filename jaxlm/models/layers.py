@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import REMAT_POLICIES
+from jaxlm.switches import Switch
 
 # Parameters carry logical axis names as metadata; they are placed on the mesh by
 # jaxlm/sharding.py after creation, not eagerly by Flax (which would need a mesh at
@@ -22,16 +23,22 @@ nnx.use_eager_sharding(False)
 
 INIT_STD = 0.02
 
-# Logical axis name -> mesh axes for activations, set by jaxlm.sharding.activation_rules
-# while a mesh is in use; None (the default) leaves activation layouts to XLA.
-_ACTIVATION_RULES: dict | None = None
+# Logical axis name -> mesh axes for activations, chosen by jaxlm.sharding.use_mesh while a
+# mesh is in use; unset, activation layouts are left to XLA.
+ACTIVATION_RULES = Switch("activation rules")
 
 
 def constrain(x, *logical_axes: str | None):
-    """Pin an activation's layout by logical axis names (e.g. "batch", "length", "embed"; None: whole)."""
-    if _ACTIVATION_RULES is None:
+    """Pin an activation's layout by logical axis names (e.g. "batch", "length", "act_embed"; None: whole).
+
+    A name the rules do not know is an error, not silently unsharded."""
+    rules = ACTIVATION_RULES.get()
+    if rules is None:
         return x
-    spec = jax.sharding.PartitionSpec(*(_ACTIVATION_RULES.get(name) if name else None for name in logical_axes))
+    unknown = [name for name in logical_axes if name and name not in rules]
+    if unknown:
+        raise ValueError(f"activation axis {unknown[0]!r} has no sharding rule; known: {', '.join(rules)}")
+    spec = jax.sharding.PartitionSpec(*(rules[name] if name else None for name in logical_axes))
     return jax.lax.with_sharding_constraint(x, spec)
 
 
@@ -156,14 +163,14 @@ def run_blocks(blocks, x, *args, remat: str = "none", scan: bool = False):
     return constrain(x, "batch", "length", "act_embed")
 
 
-# Set by ``jaxlm.bench`` (in a process of its own) to time XLA's attention against cuDNN's.
-ATTENTION_OVERRIDE: str | None = None
+# ``with ATTENTION.scope("xla"):`` forces an implementation (benchmarks time XLA's against cuDNN's).
+ATTENTION = Switch("attention implementation", ("xla", "cudnn"))
 
 
 def attention_implementation(dtype) -> str:
     """cuDNN flash attention on GPU for half precision, XLA everywhere else."""
-    if ATTENTION_OVERRIDE:
-        return ATTENTION_OVERRIDE
+    if ATTENTION.get():
+        return ATTENTION.get()
     if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "xla"

@@ -19,44 +19,38 @@ It runs where all of this holds:
 - at most ``MAX_MMA_ROWS`` rows through the tensor cores, ``MAX_ROWS`` through the CUDA cores;
 - weights and cache in one dtype: bfloat16, float16 or float32.
 Everywhere else ``generate`` uses ``ToyLM.decode_step``; ``unsupported`` says why.
+``ToyLM.fast_decoder`` offers it to generation through the family contract (``fast_decoder`` here).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import math
-import os
 import pathlib
-import shutil
-import subprocess
-import tempfile
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.errors import JaxlmError
-from jaxlm.models import kv_cache, layers
-from jaxlm.models.toylm import ToyLM
+from jaxlm.models import family, kv_cache, layers
+from jaxlm.models.cuda_build import compile_library, ffi_target, find_nvcc
+from jaxlm.models.toylm.model import ToyLM
+from jaxlm.switches import Switch
 
 _HERE = pathlib.Path(__file__).parent
-CUDA_CORE_SOURCE, TENSOR_CORE_SOURCE = _HERE / "toylm_decode.cu", _HERE / "toylm_decode_mma.cu"
-_HEADERS = (_HERE / "toylm_decode_common.cuh", _HERE / "toylm_decode_ffi.cuh")
-# Rows per build, from the H200 (crowfeather, bf16, greedy, ms a step): the tensor-core build is
-# the faster from one row (0.206 at 1 row, against 0.267 on the CUDA cores in float32) up to 128
-# (0.481 against XLA's 0.533); at 256 XLA leads (0.726 against 0.808): XLA above 128. The
-# CUDA-core build (float32) is slower than XLA's step from 3 rows.
+CUDA_CORE_SOURCE, TENSOR_CORE_SOURCE = _HERE / "decode.cu", _HERE / "decode_mma.cu"
+_HEADERS = (_HERE / "decode_common.cuh", _HERE / "decode_ffi.cuh")
+# Rows per build, from the measured crossovers (docs/PERFORMANCE.md, "Generation"): the tensor-core
+# build from one row up to 128, XLA above; the CUDA-core build (float32) only up to 2 rows.
 MAX_ROWS = 2
 MAX_MMA_ROWS = 128
 DOWN_SPLIT_MAX = 8    # the CUDA-core build splits a down-projection row over up to 8 warps
 _DTYPE_CODES = {jnp.dtype(jnp.float32): 0, jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}
-# "xla" or "cuda" forces an implementation (benchmarks and tests compare them); None chooses.
-IMPLEMENTATION_OVERRIDE: str | None = None
-# "cuda_cores" or "tensor_cores" forces a build of the kernel (likewise); None chooses.
-BUILD_OVERRIDE: str | None = None
+# ``with IMPLEMENTATION.scope("xla"):`` forces an implementation (benchmarks and tests compare them).
+IMPLEMENTATION = Switch("ToyLM decode step", ("xla", "cuda"))
+# ``with BUILD.scope("cuda_cores"):`` forces a build of the kernel (likewise).
+BUILD = Switch("ToyLM decode kernel build", ("cuda_cores", "tensor_cores"))
 
 
 class DecodeWeights(NamedTuple):
@@ -72,14 +66,6 @@ class DecodeWeights(NamedTuple):
     wgate_up: jax.Array           # [L, 2F, D]
     wdown: jax.Array              # [L, D, F]
     final_norm: jax.Array         # [D]
-
-
-def find_nvcc() -> str | None:
-    """``$JAXLM_NVCC``, else ``nvcc`` on the PATH, else the CUDA toolkit's (``$CUDA_HOME``)."""
-    candidates = [os.environ.get("JAXLM_NVCC"), shutil.which("nvcc")]
-    candidates += [os.path.join(root, "bin", "nvcc") for root in
-                   (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda") if root]
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
 def unsupported(model, rows: int, cache_dtype=None) -> str | None:
@@ -124,17 +110,25 @@ def _tensor_core_misfit(model) -> str | None:
 
 
 def _uses_tensor_cores(model) -> bool:
-    """Which build runs the step: the tensor-core one wherever it fits (``BUILD_OVERRIDE`` wins)."""
-    if BUILD_OVERRIDE:
-        return BUILD_OVERRIDE == "tensor_cores"
+    """Which build runs the step: the tensor-core one wherever it fits (a ``BUILD`` scope wins)."""
+    if BUILD.get():
+        return BUILD.get() == "tensor_cores"
     return _tensor_core_misfit(model) is None
 
 
 def implementation(model, rows: int, cache_dtype=None) -> str:
-    """``"cuda"`` where the kernel runs, else ``"xla"`` (``IMPLEMENTATION_OVERRIDE`` wins)."""
-    if IMPLEMENTATION_OVERRIDE:
-        return IMPLEMENTATION_OVERRIDE
+    """``"cuda"`` where the kernel runs, else ``"xla"`` (an ``IMPLEMENTATION`` scope wins)."""
+    if IMPLEMENTATION.get():
+        return IMPLEMENTATION.get()
     return "xla" if unsupported(model, rows, cache_dtype) else "cuda"
+
+
+def fast_decoder(model, rows: int, cache_dtype=None) -> family.FastDecoder | str:
+    """The kernel as the family contract offers it to generation, or why it does not run."""
+    if implementation(model, rows, cache_dtype) != "cuda":
+        return unsupported(model, rows, cache_dtype) or "the XLA step was chosen"
+    return family.FastDecoder(name="ToyLM CUDA decode kernel", prepare=prepare, step=decode_step,
+                              greedy_steps=greedy_steps, min_rows=1)
 
 
 def prepare(model) -> DecodeWeights:
@@ -155,13 +149,13 @@ def prepare(model) -> DecodeWeights:
         final_norm=model.final_norm.w[...].astype(f32))
 
 
-def decode_step(model, weights: DecodeWeights, ids_B, cache: kv_cache.KVCache):
+def decode_step(model, weights: DecodeWeights, ids_B, cache: family.Cache):
     """``ToyLM.decode_step`` through the kernel: logits ``[B, V]`` and the cache, updated in place."""
     logits = jax.ShapeDtypeStruct((ids_B.shape[0], model.cfg.vocab_size), jnp.float32)
     return _launch(model, weights, ids_B, cache, logits, eos_id=-1)
 
 
-def greedy_steps(model, weights: DecodeWeights, ids_B, cache: kv_cache.KVCache, *, steps: int, eos_id: int):
+def greedy_steps(model, weights: DecodeWeights, ids_B, cache: family.Cache, *, steps: int, eos_id: int):
     """``steps`` greedy decode steps in one launch, each fed the previous one's arg-max (the
     first fed ``ids_B``): what ``steps`` calls of ``decode_step`` and ``jnp.argmax`` give, without
     a launch, an arg-max and the loop's bookkeeping between steps. A row fed ``eos_id`` (-1:
@@ -173,12 +167,12 @@ def greedy_steps(model, weights: DecodeWeights, ids_B, cache: kv_cache.KVCache, 
     return _launch(model, weights, ids_B, cache, jax.ShapeDtypeStruct((rows, steps), jnp.int32), eos_id=eos_id)
 
 
-def _launch(model, weights: DecodeWeights, ids_B, cache: kv_cache.KVCache, out: jax.ShapeDtypeStruct, eos_id: int):
+def _launch(model, weights: DecodeWeights, ids_B, cache: family.Cache, out: jax.ShapeDtypeStruct, eos_id: int):
     """One launch of the kernel; ``out`` says what it returns: float32 ``[B, V]`` logits (one
     step) or int32 ``[B, steps]`` greedy tokens."""
     cfg = model.cfg
     target, workspace_floats = _build(_defines(model, ids_B.shape[0]))
-    caches = (*cache.keys, *cache.values)
+    caches = (*(layer.keys for layer in cache.layers), *(layer.values for layer in cache.layers))
     first_cache = 3 + len(weights)   # operands: ids, time, starts, the weights, then the caches
     call = jax.ffi.ffi_call(
         target,
@@ -192,7 +186,8 @@ def _launch(model, weights: DecodeWeights, ids_B, cache: kv_cache.KVCache, out: 
         attn_scale=np.float32(1.0 / math.sqrt(cfg.head_dim)), logit_cap=np.float32(cfg.lm_head_logit_cap or 0.0),
         eos=np.int32(eos_id))
     n, steps = cfg.n_layers, 1 if out.dtype == jnp.float32 else out.shape[1]
-    return result, kv_cache.KVCache(tuple(caches[:n]), tuple(caches[n:]), cache.length + steps, cache.starts_B)
+    layer_caches = tuple(kv_cache.KVLayer(k, v) for k, v in zip(caches[:n], caches[n:]))
+    return result, family.Cache(layer_caches, cache.length + steps, cache.starts_B)
 
 
 def _defines(model, rows: int) -> tuple:
@@ -204,39 +199,15 @@ def _defines(model, rows: int) -> tuple:
 
 
 def _compile(defines: tuple) -> pathlib.Path:
-    """The kernel's library for one shape, built with nvcc unless the cache already holds it."""
+    """The kernel's library for one shape (built with nvcc unless the cache already holds it)."""
     settings = dict(defines)
     arch = settings.pop("ARCH")
     source = TENSOR_CORE_SOURCE if settings.pop("TENSOR_CORES") else CUDA_CORE_SOURCE
-    flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-Wno-return-type",
-             "-diag-suppress", "940,2473", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-             "-I", jax.ffi.include_dir(), *(f"-DJAXLM_{k}={v}" for k, v in settings.items())]
-    code = b"".join(path.read_bytes() for path in (source, *_HEADERS))
-    key = hashlib.sha256(code + " ".join(flags).encode()).hexdigest()[:16]
-    cache_dir = pathlib.Path(os.path.expanduser(os.environ.get("JAXLM_CACHE_DIR", "~/.cache/jaxlm"))) / "kernels"
-    library = cache_dir / f"toylm_decode_{key}.so"
-    if library.exists():
-        return library
-    nvcc = find_nvcc()
-    if nvcc is None:
-        raise JaxlmError("building the CUDA decode kernel needs nvcc: set JAXLM_NVCC or CUDA_HOME")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:   # built aside, then moved: never half a file
-        built = pathlib.Path(tmp) / library.name
-        result = subprocess.run([nvcc, *flags, str(source), "-o", str(built)], capture_output=True, text=True)
-        if result.returncode:
-            lines = result.stderr.splitlines()
-            errors = [line for line in lines if "error" in line.lower()] or lines or ["no message"]
-            raise JaxlmError(f"building the CUDA decode kernel with {nvcc} failed: {errors[0].strip()}")
-        os.replace(built, library)
-    return library
+    return compile_library("toylm_decode", source, _HEADERS, arch, settings, "the ToyLM CUDA decode kernel")
 
 
 @functools.cache
 def _build(defines: tuple) -> tuple[str, int]:
     """The kernel for one shape, built and registered with XLA: ``(FFI target, workspace floats)``."""
-    library = _compile(defines)
-    lib = ctypes.cdll.LoadLibrary(str(library))
-    target = f"jaxlm_{library.stem}"
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.JaxlmDecodeStep), platform="CUDA")
+    target, lib = ffi_target(_compile(defines), "JaxlmDecodeStep")
     return target, int(lib.jaxlm_workspace_floats())

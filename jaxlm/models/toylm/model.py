@@ -81,6 +81,10 @@ class ToyLMConfig:
     def layer_kinds(self) -> list[str]:
         return ["global" if self.layer_window(i) is None else "sliding" for i in range(self.n_layers)]
 
+    def layer_descriptions(self) -> list[str]:
+        return [kind if kind == "global" else f"{kind}({self.layer_window(i)})"
+                for i, kind in enumerate(self.layer_kinds())]
+
     def loss_terms(self) -> family.HeadLoss:
         return family.HeadLoss(z_weight=self.z_loss_weight, z_form=self.z_loss_form)
 
@@ -147,23 +151,29 @@ class Attention(nnx.Module):
 
     # ---- decoding with a KV cache (see kv_cache.py)
 
-    def prefill(self, x_BTD, positions_BT, mask_BTT, k_cache_BHSK, v_cache_BHSK):
+    def init_cache(self, batch: int, max_len: int, dtype) -> kv_cache.KVLayer:
+        """Empty keys and values: a ring of the window for a sliding layer, ``max_len`` slots for a global one."""
+        slots = max_len if self.window is None else min(self.window, max_len)
+        shape = (batch, self.cfg.n_heads, slots, self.cfg.head_dim)
+        return kv_cache.KVLayer(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def prefill(self, x_BTD, positions_BT, mask_BTT, cache: kv_cache.KVLayer):
         """Attend over the prompt itself, then store its keys and values in the empty cache."""
         B, T, _ = x_BTD.shape
         q_BTHK, k_BTHK, v_BTHK = self.qkv(x_BTD, positions_BT)
-        to_cache = lambda y: y.transpose(0, 2, 1, 3).astype(k_cache_BHSK.dtype)
+        to_cache = lambda y: y.transpose(0, 2, 1, 3).astype(cache.keys.dtype)
         k_BHTK, v_BHTK = to_cache(k_BTHK), to_cache(v_BTHK)
         out_BTHK = kv_cache.masked_attention(q_BTHK, k_BHTK, v_BHTK, mask_BTT)
-        return (self.o(out_BTHK.reshape(B, T, -1)), kv_cache.store_prompt(k_cache_BHSK, k_BHTK),
-                kv_cache.store_prompt(v_cache_BHSK, v_BHTK))
+        return (self.o(out_BTHK.reshape(B, T, -1)),
+                kv_cache.KVLayer(kv_cache.store_prompt(cache.keys, k_BHTK), kv_cache.store_prompt(cache.values, v_BHTK)))
 
-    def decode(self, x_B1D, positions_B1, time, starts_B, k_cache_BHSK, v_cache_BHSK):
+    def decode(self, x_B1D, positions_B1, time, starts_B, cache: kv_cache.KVLayer):
         """One new token per row at ``time``: store its key and value, attend over the cache."""
         B = x_B1D.shape[0]
         q_B1HK, k_B1HK, v_B1HK = self.qkv(x_B1D, positions_B1)
-        out_BHK, k_cache_BHSK, v_cache_BHSK = kv_cache.attend_one_token(
-            q_B1HK[:, 0], k_B1HK[:, 0], v_B1HK[:, 0], k_cache_BHSK, v_cache_BHSK, time, starts_B, window=self.window)
-        return self.o(out_BHK.reshape(B, 1, -1)), k_cache_BHSK, v_cache_BHSK
+        out_BHK, keys, values = kv_cache.attend_one_token(
+            q_B1HK[:, 0], k_B1HK[:, 0], v_B1HK[:, 0], cache.keys, cache.values, time, starts_B, window=self.window)
+        return self.o(out_BHK.reshape(B, 1, -1)), kv_cache.KVLayer(keys, values)
 
 
 class Block(nnx.Module):
@@ -177,16 +187,15 @@ class Block(nnx.Module):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
-    def prefill(self, x_BTD, positions_BT, mask_BTT, k_cache, v_cache):
-        attn_BTD, k_cache, v_cache = self.attn.prefill(self.attn_norm(x_BTD), positions_BT, mask_BTT, k_cache, v_cache)
+    def prefill(self, x_BTD, positions_BT, mask_BTT, cache):
+        attn_BTD, cache = self.attn.prefill(self.attn_norm(x_BTD), positions_BT, mask_BTT, cache)
         x_BTD = x_BTD + attn_BTD
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), k_cache, v_cache
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
 
-    def decode(self, x_B1D, positions_B1, time, starts_B, k_cache, v_cache):
-        attn_B1D, k_cache, v_cache = self.attn.decode(self.attn_norm(x_B1D), positions_B1, time, starts_B,
-                                                      k_cache, v_cache)
+    def decode(self, x_B1D, positions_B1, time, starts_B, cache):
+        attn_B1D, cache = self.attn.decode(self.attn_norm(x_B1D), positions_B1, time, starts_B, cache)
         x_B1D = x_B1D + attn_B1D
-        return x_B1D + self.mlp(self.mlp_norm(x_B1D)), k_cache, v_cache
+        return x_B1D + self.mlp(self.mlp_norm(x_B1D)), cache
 
 
 class ToyLM(nnx.Module):
@@ -213,7 +222,7 @@ class ToyLM(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
         x_BTD = self._embed_tokens(ids_BT)
         x_BTD = layers.run_blocks(self.blocks, x_BTD, positions_BT, remat=remat, scan=scan_layers)
-        return self.final_norm(x_BTD)
+        return self.final_norm(x_BTD), family.NO_AUX
 
     def output_projection(self):
         """``(table_VD, cap, dtype)``: ``logits(x)`` is ``softcap(x @ table_VD.T, cap)`` with the
@@ -228,24 +237,22 @@ class ToyLM(nnx.Module):
         return softcap(logits_BTV, self.cfg.lm_head_logit_cap)
 
     def __call__(self, ids_BT, positions_BT=None):
-        return self.logits(self.hidden(ids_BT, positions_BT))
+        return self.logits(self.hidden(ids_BT, positions_BT)[0])
 
     # ---- decoding with a KV cache: init_cache, prefill once, then decode_step per token
 
-    def cache_size(self, i: int, max_len: int) -> int:
-        """Slots of layer i's cache: a ring of its window for sliding layers, ``max_len`` for global ones."""
-        window = self.cfg.layer_window(i)
-        return max_len if window is None else min(window, max_len)
-
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> kv_cache.KVCache:
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> family.Cache:
         """An empty cache for ``max_len`` time steps (prompt, left padding included, plus new tokens).
 
         ``dtype`` defaults to the compute dtype (bf16 halves what each decode step reads)."""
-        cfg, dtype = self.cfg, dtype or self.dtype
-        shapes = [(batch, cfg.n_heads, self.cache_size(i, max_len), cfg.head_dim) for i in range(cfg.n_layers)]
-        return kv_cache.KVCache(keys=tuple(jnp.zeros(s, dtype) for s in shapes),
-                                values=tuple(jnp.zeros(s, dtype) for s in shapes),
-                                length=jnp.zeros((), jnp.int32), starts_B=jnp.zeros((batch,), jnp.int32))
+        dtype = dtype or self.dtype
+        return family.Cache(layers=tuple(block.attn.init_cache(batch, max_len, dtype) for block in self.blocks),
+                            length=jnp.zeros((), jnp.int32), starts_B=jnp.zeros((batch,), jnp.int32))
+
+    def fast_decoder(self, batch: int, cache_dtype) -> family.FastDecoder | str:
+        """The one-kernel CUDA decode step where it runs here, else why not."""
+        from jaxlm.models.toylm import decode_kernel   # loaded only when asked: it builds CUDA code
+        return decode_kernel.fast_decoder(self, batch, cache_dtype)
 
     def _embed_tokens(self, ids):
         """Token embeddings in float32 (the table may have been cast down for inference) and
@@ -253,7 +260,7 @@ class ToyLM(nnx.Module):
         x = self.embed(ids).astype(jnp.float32)
         return x * math.sqrt(self.cfg.dim) if self.cfg.embed_scale else x
 
-    def prefill(self, ids_BT, cache: kv_cache.KVCache, starts_B=None):
+    def prefill(self, ids_BT, cache: family.Cache, starts_B=None):
         """Run the prompt through the model in one pass into an empty cache.
 
         ``starts_B``: where each row's real tokens begin (left padding before them, masked and
@@ -265,25 +272,23 @@ class ToyLM(nnx.Module):
         positions_BT = times_T[None, :] - starts_B[:, None]
         windows = {block.attn.window for block in self.blocks}
         masks = {w: kv_cache.visible_keys(times_T, times_T, starts_B, w) for w in windows}
-        x_BTD, keys, values = self._embed_tokens(ids_BT), [], []
-        for block, k_cache, v_cache in zip(self.blocks, cache.keys, cache.values):
-            x_BTD, k_cache, v_cache = block.prefill(x_BTD, positions_BT, masks[block.attn.window], k_cache, v_cache)
-            keys.append(k_cache)
-            values.append(v_cache)
+        x_BTD, layer_caches = self._embed_tokens(ids_BT), []
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x_BTD, layer_cache = block.prefill(x_BTD, positions_BT, masks[block.attn.window], layer_cache)
+            layer_caches.append(layer_cache)
         logits_BV = self.logits(self.final_norm(x_BTD[:, -1:]))[:, 0]
-        return logits_BV, kv_cache.KVCache(tuple(keys), tuple(values), jnp.asarray(T, jnp.int32), starts_B)
+        return logits_BV, family.Cache(tuple(layer_caches), jnp.asarray(T, jnp.int32), starts_B)
 
-    def decode_step(self, ids_B, cache: kv_cache.KVCache):
+    def decode_step(self, ids_B, cache: family.Cache):
         """Feed one token per row at time ``cache.length``; its logits ``[B, V]`` and the updated cache."""
         time = cache.length
         positions_B1 = (time - cache.starts_B)[:, None]
-        x_B1D, keys, values = self._embed_tokens(ids_B[:, None]), [], []
-        for block, k_cache, v_cache in zip(self.blocks, cache.keys, cache.values):
-            x_B1D, k_cache, v_cache = block.decode(x_B1D, positions_B1, time, cache.starts_B, k_cache, v_cache)
-            keys.append(k_cache)
-            values.append(v_cache)
+        x_B1D, layer_caches = self._embed_tokens(ids_B[:, None]), []
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x_B1D, layer_cache = block.decode(x_B1D, positions_B1, time, cache.starts_B, layer_cache)
+            layer_caches.append(layer_cache)
         logits_BV = self.logits(self.final_norm(x_B1D))[:, 0]
-        return logits_BV, kv_cache.KVCache(tuple(keys), tuple(values), time + 1, cache.starts_B)
+        return logits_BV, family.Cache(tuple(layer_caches), time + 1, cache.starts_B)
 
 
 def softcap(logits, cap: float):
