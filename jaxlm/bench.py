@@ -59,17 +59,23 @@ def apply_variant(cfg, variant: str):
 
 def time_train_step(cfg, *, steps: int, repeats: int, warmup: int, attention: str | None = None,
                     profile_dir: str | None = None, hlo_path: str | None = None) -> dict:
-    """Compile and time ``cfg``'s train step; step time is the median over ``repeats`` blocks of ``steps``."""
+    """Compile and time ``cfg``'s train step; step time is the median over ``repeats`` blocks of ``steps``.
+    ``attention`` forces an attention implementation ("xla", "cudnn") for this step."""
+    from jaxlm.models import layers
+
+    with layers.ATTENTION.scope(attention):
+        return _time_train_step(cfg, steps=steps, repeats=repeats, warmup=warmup, profile_dir=profile_dir,
+                                hlo_path=hlo_path)
+
+
+def _time_train_step(cfg, *, steps, repeats, warmup, profile_dir, hlo_path) -> dict:
     import jax
     import numpy as np
 
     from jaxlm import sharding
-    from jaxlm.models import layers
     from jaxlm.state import plan_state
     from jaxlm.train import jit_train_step
 
-    if attention:
-        layers.ATTENTION_OVERRIDE = attention
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
     plan = plan_state(cfg, mesh)
@@ -423,7 +429,7 @@ def decode_mode(args, overrides: list[str]) -> int:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         peak = f"{r['peak_bytes'] / 2**20:,.0f}" if r.get("peak_bytes") else "-"
-        step = "CUDA kernel" if r["step"] == "cuda" else f"XLA, {r['attention']} attention"
+        step = f"XLA, {r['attention']} attention" if r["step"] == "xla" else r["step"]
         print(f"| {r['batch']} | {step} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.3f} | {r['prefill_ms']:.1f} | "
               f"{r['compile_s']:.1f} | {peak} |")
     if args.json:

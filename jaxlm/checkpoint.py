@@ -215,7 +215,9 @@ def export_inference(run_dir: str | pathlib.Path, dst: str | pathlib.Path, *, dt
     from flax import nnx
 
     cfg, state = restore_run(run_dir, step)
-    params = nnx.to_pure_dict(state["params"])
+    # A family's Buffer variables belong to the model as much as its parameters: one tree of both.
+    weights = nnx.merge_state(state["params"], state["buffers"]) if "buffers" in state else state["params"]
+    params = nnx.to_pure_dict(weights)
     if dtype == "bfloat16":
         params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     elif dtype != "float32":

@@ -1,7 +1,7 @@
 // One ToyLM decode step (every layer, then the head) as a single persistent CUDA kernel.
 //
-// Why: on an H200 the XLA step is a chain of ~150 dependent kernels, each 1-4 us, for weights
-// read in ~25 us (docs/PERFORMANCE.md, "Generation"). Here one cooperative launch of one block
+// Why: the XLA step is a chain of ~150 small dependent kernels, and the chain, not reading the
+// weights, bounds it (docs/PERFORMANCE.md, "Generation"). Here one cooperative launch of one block
 // per multiprocessor runs five phases a layer, separated by grid-wide barriers:
 //   1. RMSNorm, Q/K/V, RoPE; the new key and value stored in the cache
 //   2. attention over the written slots, split over blocks (partial softmax sums)
@@ -12,7 +12,7 @@
 // the residual stream is float32, and values are rounded to the compute dtype T wherever the
 // XLA path holds them in T (projection outputs, RoPE, attention output, the MLP product).
 //
-// Shapes are compile-time constants (-D flags from jaxlm/models/toylm_decode.py, which builds
+// Shapes are compile-time constants (-D flags from jaxlm/models/toylm/decode_kernel.py, which builds
 // one library per model shape and batch). Weight matrices come transposed, [out, in], so that
 // each output is one warp's dot product over a contiguous row.
 

@@ -1,6 +1,6 @@
 // What both CUDA decode kernels share: shapes, the parameters, numeric helpers, RoPE pairs
-// and the grid-wide barrier. toylm_decode.cu multiplies on the CUDA cores (a few rows),
-// toylm_decode_mma.cu on the tensor cores (many rows); jaxlm/models/toylm_decode.py picks one
+// and the grid-wide barrier. decode.cu multiplies on the CUDA cores (a few rows),
+// decode_mma.cu on the tensor cores (many rows); jaxlm/models/toylm/decode_kernel.py picks one
 // and builds it with the shapes as -D flags.
 
 #pragma once
@@ -123,8 +123,8 @@ __device__ __forceinline__ int argmax_id(unsigned long long key) { return (int)(
 // step - 1 have finished on its m-tile, the rule above.
 __device__ __forceinline__ int fed_token(const Params& p, int b, int step) {
   if (step == 0) return p.tokens[b];
-  // Volatile: loaded whether or not it is used, so that both loads are in flight at once (on an
-  // H200, 0.5-1.5 us a step faster at 64 rows than loading it only when needed).
+  // Volatile: loaded whether or not it is used, so that both loads are in flight at once (faster
+  // than loading it only when needed: docs/PERFORMANCE.md).
   const unsigned long long key = *reinterpret_cast<const volatile unsigned long long*>(&p.best[(step - 1) % 3 * B + b]);
   const int before = step == 1 ? p.tokens[b] : p.greedy_tokens[b * p.steps + step - 2];
   return before == p.eos ? p.eos : argmax_id(key);
@@ -227,8 +227,8 @@ struct Pair {
 // all NB blocks have. Every barrier adds NB, so every launch starts the counter at a multiple of
 // NB; a block reads it before its own first arrival, when fewer than NB arrivals of this launch
 // can have happened (no barrier can open without it). Release/acquire at GPU scope publish each
-// block's writes. On an H200 the step took 227 us with it, 236 with cooperative_groups'
-// grid.sync(). The launch is still cooperative: that guarantees every block is resident,
+// block's writes. It is faster than cooperative_groups' grid.sync() (docs/PERFORMANCE.md).
+// The launch is still cooperative: that guarantees every block is resident,
 // without which a barrier never opens.
 __device__ unsigned long long barrier_arrivals;
 
@@ -250,9 +250,8 @@ __device__ __forceinline__ void signal(unsigned long long* counter) {
   if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(counter) : "memory");
 }
 
-// Polls are spaced POLL_GAP cycles apart: polls of the line the adds go to slow the adds. On an
-// H200 (64 rows, the counters of Progress) the step took 0.323 ms with a gap of 100 cycles,
-// 0.327 with none, 0.342 with two polls in flight at once.
+// Polls are spaced POLL_GAP cycles apart: polls of the line the adds go to slow the adds (the
+// gaps tried, and two polls in flight, are measured in docs/PERFORMANCE.md).
 constexpr long long POLL_GAP = 100;
 __device__ __forceinline__ void wait_until(const unsigned long long* counter, unsigned long long target) {
   if (threadIdx.x == 0) {

@@ -1,21 +1,21 @@
 """ToyLM's decode step as one persistent CUDA kernel, called through XLA's FFI.
 
 Why: on a GPU, XLA runs ``ToyLM.decode_step`` as a chain of ~150 small dependent kernels. The
-chain, not the weights (read in ~25 us on an H200), bounds decoding at small batches
-(docs/PERFORMANCE.md, "Generation"). This kernel computes the same step in one launch. It uses
+chain, not reading the weights, bounds decoding at small batches (docs/PERFORMANCE.md,
+"Generation"). This kernel computes the same step in one launch. It uses
 the same cache layout and gives the same logits up to rounding, so ``generate`` can use it for
 one chunk and XLA for the next. ``decode_step`` runs one step and returns the logits;
 ``greedy_steps`` runs many greedy steps in one launch, the kernel taking each step's arg-max
 itself. It comes in two builds:
-- ``toylm_decode_mma.cu``, products on the tensor cores (``mma.sync`` on tiles of 16 rows), for
+- ``decode_mma.cu``, products on the tensor cores (``mma.sync`` on tiles of 16 rows), for
   bfloat16 and float16 models whose shapes fit its tiles, up to ``MAX_MMA_ROWS`` rows;
-- ``toylm_decode.cu``, products on the CUDA cores (a warp per output), for the others (float32)
+- ``decode.cu``, products on the CUDA cores (a warp per output), for the others (float32)
   up to ``MAX_ROWS`` rows.
 
 It runs where all of this holds:
 - a CUDA GPU;
 - ``nvcc`` to build it. It is built once per model shape and batch into ``~/.cache/jaxlm/kernels``
-  (``JAXLM_CACHE_DIR`` moves it), which took 5-17 s on the H200 machine;
+  (``JAXLM_CACHE_DIR`` moves it; ``jaxlm/models/cuda_build.py``);
 - at most ``MAX_MMA_ROWS`` rows through the tensor cores, ``MAX_ROWS`` through the CUDA cores;
 - weights and cache in one dtype: bfloat16, float16 or float32.
 Everywhere else ``generate`` uses ``ToyLM.decode_step``; ``unsupported`` says why.

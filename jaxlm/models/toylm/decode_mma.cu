@@ -1,10 +1,10 @@
 // One ToyLM decode step for many rows as a single persistent CUDA kernel, its products on the
 // tensor cores.
 //
-// Why: toylm_decode.cu multiplies every row on the CUDA cores, which pays for a row or two only.
-// More rows need the tensor cores, and at batch 64 XLA's step (~150 kernels, 0.44 ms on an H200)
-// is again a chain of launches. On an H200 this build is also the faster at one row. It runs
-// the same five phases a layer as toylm_decode.cu, with the same numerics. It differs in how it
+// Why: decode.cu multiplies every row on the CUDA cores, which pays for a row or two only.
+// More rows need the tensor cores, and at batch 64 XLA's step (~150 kernels) is again a chain of
+// launches. This build is also the faster at one row (docs/PERFORMANCE.md). It runs
+// the same five phases a layer as decode.cu, with the same numerics. It differs in how it
 // computes:
 //   - products: mma.sync m16n8k16. A block takes a task, 16 rows (an m-tile) by a group of
 //     outputs. Each warp takes one or two n-tiles of 8 outputs over a share of the inputs (a
@@ -14,7 +14,7 @@
 //   - synchronisation: the phases meet per m-tile, not at grid barriers (see Progress), also
 //     from a greedy step's head to the next step; one grid barrier starts the launch.
 //
-// Operand order: the weights stay [out, in], as toylm_decode.py prepares them for both kernels.
+// Operand order: the weights stay [out, in], as decode_kernel.py prepares them for both kernels.
 // A lane reads 8 consecutive inputs (16 bytes) of a weight row and of an activation row at the
 // same offset and feeds them to two mma k-steps. This permutes the inputs within every 32, the
 // same way for both operands, so each dot product is unchanged.
@@ -305,8 +305,8 @@ __device__ void qkv_phase(const Params& p, int l, int step, int time, float* sm,
 // Attention of row b, head h over the slots [lo, hi): a running max, the sum of exponentials
 // and the weighted sum of values (head dims 2d, 2d+1 for d = lane + 32j). A chunk of 32 slots
 // is loaded into registers at once, its keys a lane per slot and its values a lane per pair of
-// dims: one round trip to memory per chunk, not one per slot. (Two chunks in flight spilled
-// registers and were slower on an H200.)
+// dims: one round trip to memory per chunk, not one per slot. (Two chunks in flight spill
+// registers.)
 constexpr int KP = (K / 2 + 31) / 32;   // pairs of head dims per lane
 __device__ __forceinline__ float2 unpack2(uint32_t raw) {
   const T* e = reinterpret_cast<const T*>(&raw);
@@ -523,8 +523,8 @@ __device__ void head_phase(const Params& p, int step, float* sm, Progress& progr
           return;
         }
         // Thread (tile, r) takes the 8 ids of n-tile `tile` in row r: its own maximum, then one
-        // shuffle (lanes r and r + 16) and a shared atomic per warp and row. (A warp-wide
-        // reduction per id cost ~8 us a step on an H200.)
+        // shuffle (lanes r and r + 16) and a shared atomic per warp and row, rather than a
+        // warp-wide reduction per id, which was measurably slower (docs/PERFORMANCE.md).
         const int r = threadIdx.x % 16, tile = threadIdx.x / 16, b = 16 * m + r;
         unsigned long long best = 0;
 #pragma unroll
