@@ -22,7 +22,9 @@ A fused matrix (q|k|v, or gate|up) is recognised by its shape and split along th
 output rows in that order. A head equal to the embedding is dropped (ToyLM ties them); a head
 that differs is an error. RoPE / mask buffers are kept verbatim for the way back. Anything
 else is reported with its name and shape; a user key map (``{their_name_or_regex: our_path}``)
-resolves it. PyTorch ``(out, in)`` -> Flax ``(in, out)``: every transpose happens here.
+resolves it. The entries this module makes are transposed, split and checked by the generic
+machinery in ``keymap.py``; this module is ToyLM's side of its naming protocol (``claim``,
+``config_from_fields``, ``entries``, ``fields_for_torch``, ``plan``, ``hints``, the conventions).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from typing import Any
 
 import numpy as np
 
-from jaxlm import config as C
 from jaxlm.errors import CheckpointError
 from jaxlm.formats import keymap
 from jaxlm.formats.keymap import ConfigReport, KeyEntry, Plan, is_buffer, strip_prefixes
