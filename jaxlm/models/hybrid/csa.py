@@ -48,8 +48,9 @@ def empty_safe_attention(q_BTHK, k_BCGK, v_BCGK, visible_BTC):
     q = q_BTHK.reshape(B, T, G, H // G, K)
     scores = jnp.einsum("btgrk,bcgk->bgrtc", q, k_BCGK, preferred_element_type=jnp.float32) / math.sqrt(K)
     mask = visible_BTC[:, None, None]
-    top = jnp.max(jnp.where(mask, scores, kv_cache._MASKED), axis=-1, keepdims=True)
-    probs = jnp.where(mask, jnp.exp(scores - top), 0.0)
+    # Masked scores are replaced before the exp, so no inf appears (its gradient would be NaN).
+    scores = jnp.where(mask, scores, kv_cache._MASKED)
+    probs = jnp.where(mask, jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True)), 0.0)
     total = jnp.sum(probs, axis=-1, keepdims=True)
     probs = (probs / jnp.where(total > 0, total, 1.0)).astype(v_BCGK.dtype)
     out = jnp.einsum("bgrtc,bcgk->btgrk", probs, v_BCGK, preferred_element_type=jnp.float32)

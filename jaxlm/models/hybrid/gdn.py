@@ -50,24 +50,17 @@ def unit_lower_inverse(a_NCC, base: int = 16):
     """
     c = a_NCC.shape[-1]
     b = min(base, c)
-    lead = a_NCC.shape[:-2]
-    eye = jnp.eye(b, dtype=a_NCC.dtype)
-
-    def diagonal_blocks(x, size):
-        m = c // size
-        blocks = x.reshape(*lead, m, size, m, size)
-        return jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)   # [..., m, size, size]
-
-    minus = -diagonal_blocks(a_NCC, b)
-    inv, power = eye + minus, minus
+    # Blocks are static slices (c / base of them): few, and plain for XLA to fuse.
+    block = lambda x, i, j, size: x[..., i * size:(i + 1) * size, j * size:(j + 1) * size]
+    minus = jnp.stack([-block(a_NCC, i, i, b) for i in range(c // b)], axis=-3)   # [..., c/b, b, b]
+    inv, power = jnp.eye(b, dtype=a_NCC.dtype) + minus, minus
     for _ in range(int(math.log2(b)) - 1):
         power = power @ power
         inv = inv + inv @ power
     size = b
     while size < c:
-        m = c // size
-        pairs = a_NCC.reshape(*lead, m // 2, 2, size, m // 2, 2, size)[..., :, 1, :, :, 0, :]
-        a21 = jnp.moveaxis(jnp.diagonal(pairs, axis1=-4, axis2=-2), -1, -3)   # [..., m/2, size, size]
+        pairs = c // (2 * size)
+        a21 = jnp.stack([block(a_NCC, 2 * p + 1, 2 * p, size) for p in range(pairs)], axis=-3)
         x11, x22 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
         x21 = -(x22 @ a21 @ x11)
         top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
