@@ -24,8 +24,7 @@ from jaxlm import config as C
 from jaxlm import hardware, sharding
 from jaxlm.errors import JaxlmError
 from jaxlm.loss import lm_loss
-from jaxlm.models import family_of
-from jaxlm.models import family
+from jaxlm.models import family, family_of
 from jaxlm.models.family import Buffer
 from jaxlm.monitor import Monitor
 from jaxlm.sampling import SamplingConfig
