@@ -23,6 +23,11 @@ import time
 import numpy as np
 
 from jaxlm.config import DataConfig, DataSource
+from jaxlm.data import tfds_builder
+from jaxlm.data.pipeline import make_batch_iterator
+from jaxlm.data.sources import PydocTopics
+from jaxlm.data.token_shards import write_token_array_record, write_token_file
+from jaxlm.data.tokenizer import save_tokenizer, train_tokenizer
 
 
 def _cpu_name() -> str:
@@ -41,8 +46,6 @@ def _text_corpus(folder: str, copies: int) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jaxlm.data.sources import PydocTopics
-
     topics = PydocTopics()
     docs = [f"[{c}] {topics[i]}" for c in range(copies) for i in range(len(topics))]
     with open(os.path.join(folder, "text.jsonl"), "w", encoding="utf-8") as f:
@@ -54,8 +57,6 @@ def _text_corpus(folder: str, copies: int) -> list[str]:
 
 
 def _measure(data_cfg, tokenizer, seq_len: int, batch_size: int, seconds: float) -> dict:
-    from jaxlm.data import make_batch_iterator
-
     start = time.perf_counter()
     it = make_batch_iterator(data_cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=0)
     next(it)  # start-up (worker processes, first documents) is reported apart
@@ -75,9 +76,6 @@ def _measure(data_cfg, tokenizer, seq_len: int, batch_size: int, seconds: float)
 
 def run(seq_len: int, batch_size: int, seconds: float, workers: int, tokens: int, folder: str,
         read_threads: int = 4, text_copies: int = 12, vocab_size: int = 8192) -> list[dict]:
-    from jaxlm.data import save_tokenizer, tfds_builder, train_tokenizer
-    from jaxlm.data.token_shards import write_token_array_record, write_token_file
-
     rng = np.random.default_rng(0)
     docs = _text_corpus(folder, copies=text_copies)
     tokenizer = train_tokenizer(docs[: len(docs) // text_copies], vocab_size)

@@ -26,6 +26,7 @@ from grain.experimental import (ConcatThenSplitIterDataset, InterleaveIterDatase
 
 from jaxlm.data import mixture
 from jaxlm.data import sources as src
+from jaxlm.data.token_shards import TokenWindows
 from jaxlm.data.tokenizer import check_tokenizer, plain_text_encoder
 from jaxlm.errors import ConfigError, DataError
 
@@ -176,8 +177,6 @@ def _streamed_documents(ctx: _Context, resolved: src.StreamedDocuments, key: str
 
 
 def _stream_windows(ctx: _Context, resolved: src.TokenStream, key: str) -> grain.IterDataset:
-    from jaxlm.data.token_shards import TokenWindows
-
     reader = TokenWindows(resolved.files, ctx.window, ctx.vocab_size)
     chosen = split_indices(len(reader), ctx.cfg.heldout_fraction, ctx.split, resolved.name, "windows")
     windows = grain.MapDataset.source(reader if chosen is None else _Subset(reader, chosen))
@@ -257,6 +256,8 @@ class _InSplit:
 class _Encode:
     """Grain map: text -> {"tokens": int32 ids + EOS}.
 
+    The ids are framed as the tokenizer frames them (a SentencePiece model's BOS in front; a BPE
+    trained here adds nothing), as ``tokenizer.encode_batches`` does for pre-tokenized files.
     Special-token strings inside a document are encoded as plain text, so a document cannot
     fake an EOS. Pickled as JSON, since ``tokenizers`` drops that setting when pickled.
     """
@@ -274,7 +275,7 @@ class _Encode:
             from tokenizers import Tokenizer
 
             self._tokenizer = plain_text_encoder(Tokenizer.from_str(self._json))
-        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self._tokenizer.encode(text).ids
         tokens = np.empty(len(ids) + 1, np.int32)
         tokens[:-1] = ids
         tokens[-1] = self._eos

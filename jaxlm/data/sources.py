@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxlm.data import tfds_source, token_shards
+from jaxlm.data.documents import decode_utf8, template_fields, text_of
 from jaxlm.errors import ConfigError, DataError
 
 log = logging.getLogger("jaxlm.data")
@@ -95,9 +97,7 @@ def resolve(entry, data_cfg) -> Documents | StreamedDocuments | TokenStream:
         files, filesystem = hub_parquet_files(path)
         return StreamedDocuments(path, files, column, filesystem)
     if path.startswith(TFDS_PREFIX) or kind == "tfds":
-        from jaxlm.data import tfds_builder
-
-        reader = tfds_builder.TfdsRecords(path.removeprefix(TFDS_PREFIX), entry.split,
+        reader = tfds_source.TfdsRecords(path.removeprefix(TFDS_PREFIX), entry.split,
                                           tfds_data_dir(data_cfg), column)
         return Documents(path, reader, tokenized=reader.tokenized)
     files, kind = local_files(path, kind)
@@ -107,8 +107,6 @@ def resolve(entry, data_cfg) -> Documents | StreamedDocuments | TokenStream:
         return Documents(path, JsonLines(files, column))
     if kind == "parquet":
         return StreamedDocuments(path, files, column)
-    from jaxlm.data import token_shards
-
     if kind == "tokens":
         return TokenStream(path, [token_shards.TokenFile(f, entry.token_dtype) for f in files])
     return Documents(path, token_shards.TokenArrayRecords(files, entry.token_dtype), tokenized=True)
@@ -183,13 +181,6 @@ class PydocTopics:
 
     def __getitem__(self, index: int) -> str:
         return self._texts[index]
-
-
-def decode_utf8(data: bytes, where: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: invalid UTF-8 at byte {e.start} ({data[e.start:e.start + 4]!r})") from None
 
 
 class TextFiles:
@@ -289,25 +280,6 @@ class JsonLines:
         return text_of(record, self.column, where)
 
 
-def text_of(record: dict, column: str, where: str) -> str:
-    """The document text of a record: one field, or a ``str.format`` template over its fields."""
-    if "{" in column:
-        try:
-            return column.format_map(record)
-        except (KeyError, IndexError) as e:
-            raise DataError(f"{where}: field {e} of the template {column!r} is missing; "
-                            f"fields: {', '.join(map(str, record))}") from None
-    if column not in record:
-        raise DataError(f"{where}: no {column!r} field; fields: {', '.join(map(str, record))}; "
-                        f"set data.text_column")
-    text = record[column]
-    if isinstance(text, bytes):
-        text = decode_utf8(text, where)
-    if not isinstance(text, str):
-        raise DataError(f"{where}: field {column!r} is {type(text).__name__}, not text")
-    return text
-
-
 # --------------------------------------------------------------------------- Parquet and the hub
 
 
@@ -320,8 +292,7 @@ def check_parquet(path: str, column: str, filesystem=None) -> int:
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError with the reason
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     names = meta.schema.to_arrow_schema().names
-    needed = re.findall(r"\{(\w+)", column) if "{" in column else [column]
-    for name in needed:
+    for name in template_fields(column):
         if name not in names:
             raise DataError(f"{path}: no {name!r} column; columns: {', '.join(names)}; set data.text_column")
     if meta.num_rows == 0:
@@ -334,7 +305,7 @@ def iter_parquet_texts(path: str, column: str, filesystem=None) -> Iterator[str]
     import pyarrow.parquet as pq
 
     check_parquet(path, column, filesystem)
-    needed = re.findall(r"\{(\w+)", column) if "{" in column else [column]
+    needed = template_fields(column)
     for batch in pq.ParquetFile(path, filesystem=filesystem).iter_batches(columns=needed, batch_size=1024):
         for record in batch.to_pylist():
             yield _parquet_text(record, column, path)

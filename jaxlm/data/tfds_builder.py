@@ -5,8 +5,8 @@
 
 writes ``<data-dir>/jaxlm_tokenized/fineweb_edu/1.0.0/*.array_record-*`` (one example per
 document, ``{"tokens": uint16|uint32[n]}`` without EOS), which a config then names as
-``DataSource("tfds:jaxlm_tokenized/fineweb_edu")`` with ``data.tfds_data_dir``. Reading goes
-through ``tfds.data_source`` and needs neither TensorFlow nor this builder class: any dataset
+``DataSource("tfds:jaxlm_tokenized/fineweb_edu")`` with ``data.tfds_data_dir``. Reading
+(``tfds_source``) goes through ``tfds.data_source`` and needs neither TensorFlow nor this builder class: any dataset
 prepared as ArrayRecord in a ``data_dir`` can be named the same way (``tfds:name[/config][:version]``),
 with a ``tokens`` feature or a text feature (``text_column``).
 """
@@ -23,25 +23,20 @@ import sys
 
 import numpy as np
 
+from jaxlm.config import DataConfig, DataSource
+from jaxlm.data import sources
+from jaxlm.data.tfds_source import TOKENS, import_tfds
+from jaxlm.data.tokenizer import encode_batches, load_tokenizer, plain_text_encoder, tokenizer_file
 from jaxlm.errors import DataError, JaxlmError
 
 log = logging.getLogger("jaxlm.data")
 
 BUILDER_NAME = "jaxlm_tokenized"
-TOKENS = "tokens"
-
-
-def _tfds():
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise DataError("TFDS sources need tensorflow-datasets (pip install 'jaxlm[tfds]')") from None
-    return tfds
 
 
 def _builder_class():
     """Defined on first use, so that importing jaxlm.data does not import TFDS."""
-    tfds = _tfds()
+    tfds = import_tfds()
 
     @dataclasses.dataclass
     class TokenizedConfig(tfds.core.BuilderConfig):
@@ -72,11 +67,9 @@ def _builder_class():
             )
 
         def _tokenizer_metadata(self) -> dict:
-            from jaxlm.data.tokenizer import load_tokenizer
-
             cfg = self.builder_config
             tokenizer = load_tokenizer(cfg.tokenizer, eos_token=None)
-            with open(os.path.expanduser(cfg.tokenizer), "rb") as f:
+            with open(tokenizer_file(cfg.tokenizer), "rb") as f:
                 digest = hashlib.sha256(f.read()).hexdigest()
             return {"source": cfg.source, "tokenizer_sha256": digest,
                     "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True)}
@@ -85,16 +78,12 @@ def _builder_class():
             return {"train": self._generate_examples()}
 
         def _generate_examples(self):
-            from jaxlm.config import DataConfig, DataSource
-            from jaxlm.data import sources, token_shards
-            from jaxlm.data.tokenizer import load_tokenizer, plain_text_encoder
-
             cfg = self.builder_config
             data_cfg = DataConfig(source=DataSource(cfg.source, kind=cfg.kind), text_column=cfg.text_column)
             tokenizer = plain_text_encoder(load_tokenizer(cfg.tokenizer, eos_token=None))
             limit = np.iinfo(np.dtype(cfg.dtype)).max
             texts = sources.training_texts(data_cfg, cfg.max_docs or 2**62)
-            for index, encoding in enumerate(token_shards._encode_batches(tokenizer, texts)):
+            for index, encoding in enumerate(encode_batches(tokenizer, texts)):
                 tokens = np.asarray(encoding.ids)
                 if tokens.size and tokens.max() > limit:
                     raise DataError(f"{cfg.source}: token id {tokens.max()} does not fit {cfg.dtype}; use uint32")
@@ -106,8 +95,7 @@ def _builder_class():
 def prepare(source: str, tokenizer: str, name: str, data_dir: str, *, kind: str = "auto",
             text_column: str = "text", max_docs: int = 0, overwrite: bool = False) -> str:
     """Tokenize ``source`` into ``data_dir/jaxlm_tokenized/<name>``; returns the ``tfds:`` spec."""
-    tfds = _tfds()
-    from jaxlm.data.tokenizer import load_tokenizer
+    tfds = import_tfds()
 
     if not re.fullmatch(r"[a-z0-9_\-.]+", name):
         raise DataError(f"TFDS name {name!r}: use lower-case letters, digits, '_', '-' and '.'")
@@ -119,59 +107,6 @@ def prepare(source: str, tokenizer: str, name: str, data_dir: str, *, kind: str 
     mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
     return f"tfds:{BUILDER_NAME}/{name}"
-
-
-class TfdsRecords:
-    """Random access to a prepared TFDS dataset: token arrays (``tokens``) or texts (``column``)."""
-
-    def __init__(self, name: str, split: str, data_dir: str, column: str):
-        self.name, self.split, self.data_dir, self.column = name, split, data_dir, column
-        source = self._open()
-        self._length = len(source)
-        features = source.dataset_info.features
-        self.tokenized = TOKENS in features
-        if not self.tokenized and not _template_fields(column) <= set(features):
-            raise DataError(f"tfds:{name}: no {column!r} feature; features: {', '.join(features)}; "
-                            f"set data.text_column")
-        if self._length == 0:
-            raise DataError(f"tfds:{name} split {split!r} in {data_dir}: empty")
-        metadata = source.dataset_info.metadata or {}
-        self.vocab_size = metadata.get("vocab_size")
-        self._source = source
-
-    def _open(self):
-        tfds = _tfds()
-        try:
-            return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
-        except Exception as e:  # DatasetNotFoundError, unknown split, wrong file format, ...
-            prepared = sorted(p for p in os.listdir(self.data_dir) if not p.startswith(".")) \
-                if os.path.isdir(self.data_dir) else []
-            reason = str(e).strip().splitlines()[0]
-            raise DataError(f"tfds:{self.name} split {self.split!r} in {self.data_dir}: cannot open ({reason}); "
-                            f"datasets there: {', '.join(prepared) or '(none)'}") from None
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_source"} | {"_source": None}
-
-    def where(self, index: int) -> str:
-        return f"tfds:{self.name} ({self.data_dir}) {self.split} record {index}"
-
-    def __getitem__(self, index: int):
-        from jaxlm.data.sources import text_of
-
-        if self._source is None:
-            self._source = self._open()
-        record = self._source[index]
-        if self.tokenized:
-            return record[TOKENS]
-        return text_of(record, self.column, self.where(index))
-
-
-def _template_fields(column: str) -> set[str]:
-    return set(re.findall(r"\{(\w+)", column)) if "{" in column else {column}
 
 
 def main(argv=None) -> int:

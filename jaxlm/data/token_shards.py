@@ -149,7 +149,7 @@ class TokenArrayRecords:
 def write_token_file(path: str, tokens: np.ndarray, dtype: str = "uint16") -> None:
     """A raw flat token file, as nanoGPT's prepare.py writes it."""
     tokens = np.asarray(tokens)
-    _check_fits(tokens, dtype, path)
+    check_fits(tokens, dtype, path)
     tokens.astype(np.dtype(DTYPES[dtype]).newbyteorder("<")).tofile(path)
 
 
@@ -162,50 +162,13 @@ def write_token_array_record(path: str, documents: Iterable[np.ndarray], dtype: 
     count = 0
     for doc in documents:
         doc = np.asarray(doc)
-        _check_fits(doc, dtype, path)
+        check_fits(doc, dtype, path)
         writer.write(doc.astype(np.dtype(DTYPES[dtype]).newbyteorder("<")).tobytes())
         count += 1
     writer.close()
     return count
 
 
-def _check_fits(tokens: np.ndarray, dtype: str, path: str) -> None:
+def check_fits(tokens: np.ndarray, dtype: str, path: str) -> None:
     if tokens.size and int(tokens.max()) > np.iinfo(DTYPES[dtype]).max:
         raise DataError(f"{path}: token id {int(tokens.max())} does not fit {dtype}; use uint32")
-
-
-def encode_to_file(data_cfg, tokenizer, eos_token: str, out: str, dtype: str = "uint16", limit: int = 0):
-    """Tokenize a source's documents (in order) into a flat file or an ArrayRecord file."""
-    from jaxlm.data import sources
-    from jaxlm.data.tokenizer import plain_text_encoder
-
-    eos = tokenizer.token_to_id(eos_token)
-    if eos is None:
-        raise DataError(f"tokenizer has no token {eos_token!r} to end documents with")
-    tokenizer = plain_text_encoder(tokenizer)
-    texts = sources.training_texts(data_cfg, limit or 2**62)
-    docs = (np.asarray(enc.ids) for enc in _encode_batches(tokenizer, texts))
-    if sources.kind_of_file(out) == "array_record":
-        counted = []
-        n_docs = write_token_array_record(out, (counted.append(len(d)) or d for d in docs), dtype)
-        return n_docs, sum(counted)
-    n_docs = n_tokens = 0
-    with open(out, "wb") as f:
-        for doc in docs:
-            doc = np.append(doc, eos)
-            _check_fits(doc, dtype, out)
-            f.write(doc.astype(np.dtype(DTYPES[dtype]).newbyteorder("<")).tobytes())
-            n_docs, n_tokens = n_docs + 1, n_tokens + len(doc)
-    return n_docs, n_tokens
-
-
-def _encode_batches(tokenizer, texts, batch: int = 1024):
-    """``encode_batch`` over chunks: the Rust side tokenizes a chunk in parallel."""
-    chunk = []
-    for text in texts:
-        chunk.append(text)
-        if len(chunk) == batch:
-            yield from tokenizer.encode_batch(chunk, add_special_tokens=False)
-            chunk = []
-    if chunk:
-        yield from tokenizer.encode_batch(chunk, add_special_tokens=False)

@@ -1,4 +1,15 @@
-"""Byte-level BPE tokenizers: deterministic training, loading with checks, a cache, a CLI.
+"""Tokenizers: deterministic byte-level BPE training, loading with checks, a cache, a CLI.
+
+Every tokenizer is a Hugging Face ``tokenizers.Tokenizer``, whatever file it came from:
+
+- ``tokenizer.json`` (``tokenizers`` form: a BPE trained here, GPT-2, DeepSeek-V4, ...), with the
+  ``tokenizer_config.json`` beside it, when there is one, naming its BOS/EOS tokens;
+- a SentencePiece ``tokenizer.model`` (Llama 2), converted by ``transformers``' SentencePiece
+  converter (optional dependency: ``pip install 'jaxlm[sentencepiece]'``), which follows the
+  model's own normalizer settings and ranks BPE merges by piece score, so that ids equal
+  ``sentencepiece``'s; its control pieces become special tokens and ``encode`` puts BOS in front
+  of the ids, as ``sentencepiece`` users do (``add_special_tokens=False``: the bare ids);
+- a directory holding one of them (``tokenizer.json`` first).
 
     python -m jaxlm.data.tokenizer train --source data/fineweb-edu --docs 100000 \\
         --vocab-size 8192 --out tokenizer.json
@@ -13,19 +24,30 @@ pairs by the pair itself, and the JSON is written with sorted vocabulary).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import pathlib
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
+
+from jaxlm.config import DataConfig, DataSource
+from jaxlm.data import sources, token_shards
 from jaxlm.errors import ConfigError, DataError, JaxlmError
 
 log = logging.getLogger("jaxlm.data")
 
 DEFAULT_EOS = "<|endoftext|>"
+TOKENIZER_JSON = "tokenizer.json"
+SENTENCEPIECE_MODEL = "tokenizer.model"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# SentencePiece piece types (sentencepiece_model.proto): these never come out of text.
+_SP_UNKNOWN, _SP_CONTROL = 2, 3
+_SP_UNIGRAM, _SP_BPE = 1, 2
 # Bumped when the trained tokenizer changes for the same inputs, so stale cache entries are not reused.
 _TRAINING_RECIPE = "byte-level-bpe-v1"
 
@@ -62,19 +84,162 @@ def save_tokenizer(tokenizer, path: str | os.PathLike) -> pathlib.Path:
     return path
 
 
-def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None, eos_token: str | None = DEFAULT_EOS):
-    """Load any Hugging Face ``tokenizers`` JSON and check it fits a model of ``vocab_size``."""
-    from tokenizers import Tokenizer
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    """A tokenizer's own document markers as its files declare them (None: not declared)."""
 
+    bos: str | None = None
+    bos_id: int | None = None
+    eos: str | None = None
+    eos_id: int | None = None
+
+
+def tokenizer_file(path: str | os.PathLike) -> pathlib.Path:
+    """The file a ``data.tokenizer`` names: the path itself, or in a directory its tokenizer file."""
     path = pathlib.Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        for name in (TOKENIZER_JSON, SENTENCEPIECE_MODEL):
+            if (path / name).is_file():
+                return path / name
+        raise DataError(f"tokenizer {path}: a directory without {TOKENIZER_JSON} or {SENTENCEPIECE_MODEL}")
     if not path.is_file():
         raise DataError(f"tokenizer {path}: file not found")
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None, eos_token: str | None = DEFAULT_EOS):
+    """Load a tokenizer (see the module docstring) and check it fits a model of ``vocab_size``."""
+    path = tokenizer_file(path)
+    if path.suffix == ".model":
+        tokenizer = _sentencepiece_tokenizer(path)
+    else:
+        tokenizer = _json_tokenizer(path)
+    declared = special_tokens(path, tokenizer)
+    _apply_tokenizer_config(tokenizer, path, declared)
+    check_tokenizer(tokenizer, str(path), vocab_size, eos_token, own_eos=declared.eos)
+    return tokenizer
+
+
+def _json_tokenizer(path: pathlib.Path):
+    from tokenizers import Tokenizer
+
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        return Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises plain Exceptions with long messages
         raise DataError(f"tokenizer {path}: not a Hugging Face tokenizers JSON ({str(e).splitlines()[0]})") from None
-    check_tokenizer(tokenizer, str(path), vocab_size, eos_token)
+
+
+def _sentencepiece_proto(path: pathlib.Path):
+    """The parsed ``ModelProto``, through the protobuf module ``transformers`` reads it with."""
+    try:
+        from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+        model_pb2 = import_protobuf()
+    except ImportError:
+        raise DataError(f"tokenizer {path}: a SentencePiece model; converting it needs transformers >= 5.24 "
+                        f"and protobuf (pip install 'jaxlm[sentencepiece]')") from None
+    if not hasattr(SpmConverter, "build_tokenizer_from_spm_proto"):
+        raise DataError(f"tokenizer {path}: this transformers has no SentencePiece converter that follows the "
+                        f"model's settings; pip install 'transformers>=5.24'")
+    proto = model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as e:  # google.protobuf.message.DecodeError, with the reason
+        raise DataError(f"tokenizer {path}: not a SentencePiece model ({e})") from None
+    if not proto.pieces:
+        raise DataError(f"tokenizer {path}: not a SentencePiece model (no pieces)")
+    return proto, SpmConverter
+
+
+def _sentencepiece_tokenizer(path: pathlib.Path):
+    from tokenizers import AddedToken, processors
+
+    proto, converter = _sentencepiece_proto(path)
+    model_type = proto.trainer_spec.model_type
+    if model_type == _SP_BPE:
+        vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    elif model_type == _SP_UNIGRAM:
+        vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+    else:
+        raise DataError(f"tokenizer {path}: a SentencePiece model of type {model_type}; "
+                        f"only BPE ({_SP_BPE}) and unigram ({_SP_UNIGRAM}) models convert")
+    if len(vocab) != len(proto.pieces):
+        raise DataError(f"tokenizer {path}: the SentencePiece model repeats a piece; corrupt?")
+    tokenizer = converter.build_tokenizer_from_spm_proto(proto, vocab)
+    tokenizer.add_special_tokens([AddedToken(piece.piece, special=True, normalized=False)
+                                  for piece in proto.pieces if piece.type in (_SP_UNKNOWN, _SP_CONTROL)])
+    # SentencePiece encodes "<s>" written in a text as text; so does this copy (the setting is not
+    # serialised: the pipeline's plain_text_encoder sets it again on its own copy).
+    tokenizer.encode_special_tokens = True
+    bos_id = proto.trainer_spec.bos_id
+    if 0 <= bos_id < len(proto.pieces):
+        bos = proto.pieces[bos_id].piece
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, bos_id)])
     return tokenizer
+
+
+def special_tokens(path: str | os.PathLike, tokenizer=None) -> SpecialTokens:
+    """BOS/EOS as the tokenizer's files name them: a SentencePiece model's ``bos_id``/``eos_id``,
+    else ``bos_token``/``eos_token`` of the ``tokenizer_config.json`` beside a ``tokenizer.json``."""
+    path = tokenizer_file(path)
+    if path.suffix == ".model":
+        proto, _ = _sentencepiece_proto(path)
+        pieces = [piece.piece for piece in proto.pieces]
+        bos, eos = (pieces[i] if 0 <= i < len(pieces) else None  # -1: the model has none
+                    for i in (proto.trainer_spec.bos_id, proto.trainer_spec.eos_id))
+    else:
+        config = _tokenizer_config(path)
+        bos, eos = _token_name(config.get("bos_token")), _token_name(config.get("eos_token"))
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path, eos_token=None)
+    ids = {}
+    for name in (bos, eos):
+        if name is not None:
+            ids[name] = tokenizer.token_to_id(name)
+            if ids[name] is None:
+                raise DataError(f"tokenizer {path}: {path.with_name(TOKENIZER_CONFIG)} names {name!r}, which "
+                                f"the tokenizer does not have; the two files do not belong together")
+    return SpecialTokens(bos, ids.get(bos), eos, ids.get(eos))
+
+
+def _tokenizer_config(path: pathlib.Path) -> dict:
+    config_path = path.with_name(TOKENIZER_CONFIG)
+    if not config_path.is_file():
+        return {}
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{config_path}: a JSON {type(config).__name__}, expected an object")
+    return config
+
+
+def _token_name(value) -> str | None:
+    """``"<s>"``, or the ``{"content": "<s>", ...}`` form older configs write."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _apply_tokenizer_config(tokenizer, path: pathlib.Path, declared: SpecialTokens) -> None:
+    """``add_bos_token``/``add_eos_token`` of a ``tokenizer_config.json`` decide what ``encode``
+    adds, as in ``transformers``; without them the tokenizer's own post-processor stays."""
+    if path.suffix == ".model":
+        return
+    config = _tokenizer_config(path)
+    if "add_bos_token" not in config and "add_eos_token" not in config:
+        return
+    from tokenizers import processors
+
+    parts, specials = ["$A"], []
+    if config.get("add_bos_token") and declared.bos is not None:
+        parts.insert(0, declared.bos)
+        specials.append((declared.bos, declared.bos_id))
+    if config.get("add_eos_token") and declared.eos is not None:
+        parts.append(declared.eos)
+        specials.append((declared.eos, declared.eos_id))
+    tokenizer.post_processor = processors.TemplateProcessing(single=" ".join(parts), special_tokens=specials)
 
 
 def plain_text_encoder(tokenizer):
@@ -90,7 +255,8 @@ def plain_text_encoder(tokenizer):
     return copy
 
 
-def check_tokenizer(tokenizer, name: str, vocab_size: int | None, eos_token: str | None) -> None:
+def check_tokenizer(tokenizer, name: str, vocab_size: int | None, eos_token: str | None,
+                    own_eos: str | None = None) -> None:
     """The model must have an embedding row for every id the tokenizer can produce."""
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if vocab_size is not None and size > vocab_size:
@@ -99,8 +265,9 @@ def check_tokenizer(tokenizer, name: str, vocab_size: int | None, eos_token: str
     if eos_token:
         eos_id = tokenizer.token_to_id(eos_token)
         if eos_id is None:
+            hint = f"its own EOS is {own_eos!r}" if own_eos else "one of its special tokens"
             raise DataError(f"tokenizer {name}: has no token {eos_token!r} to end documents with; "
-                            f"set data.eos_token to one of its special tokens")
+                            f"set data.eos_token ({hint})")
         if vocab_size is not None and eos_id >= vocab_size:
             raise DataError(f"tokenizer {name}: {eos_token!r} has id {eos_id} >= model vocab_size {vocab_size}")
 
@@ -122,8 +289,6 @@ def load_tokenizer_for(data_cfg, vocab_size: int):
     if path.is_file():
         log.info("tokenizer: using cached %s", path)
         return load_tokenizer(path, vocab_size, data_cfg.eos_token)
-    from jaxlm.data import sources
-
     texts = sources.training_texts(data_cfg, data_cfg.tokenizer_train_docs)
     log.info("tokenizer: training a %d-token byte-level BPE on up to %d documents of %s",
              size, data_cfg.tokenizer_train_docs, sources.describe(data_cfg))
@@ -139,8 +304,6 @@ def special_tokens_of(data_cfg) -> tuple[str, ...]:
 
 
 def cached_tokenizer_path(data_cfg, vocab_size: int) -> pathlib.Path:
-    from jaxlm.data import sources
-
     key = {
         "recipe": _TRAINING_RECIPE,
         "sources": sources.fingerprint(data_cfg),
@@ -153,20 +316,54 @@ def cached_tokenizer_path(data_cfg, vocab_size: int) -> pathlib.Path:
     return cache / f"bpe{vocab_size}-{digest}.json"
 
 
+# --------------------------------------------------------------------------- pre-tokenizing
+
+
+def encode_batches(tokenizer, texts: Iterable[str], batch: int = 1024) -> Iterator:
+    """``encode_batch`` over chunks (the Rust side tokenizes a chunk in parallel); each document is
+    framed as the tokenizer frames it (a SentencePiece model's BOS in front), as the pipeline does."""
+    chunk = []
+    for text in texts:
+        chunk.append(text)
+        if len(chunk) == batch:
+            yield from tokenizer.encode_batch(chunk)
+            chunk = []
+    if chunk:
+        yield from tokenizer.encode_batch(chunk)
+
+
+def encode_to_file(data_cfg, tokenizer, eos_token: str, out: str, dtype: str = "uint16", limit: int = 0):
+    """Tokenize a source's documents (in order) into a flat file or an ArrayRecord file."""
+    eos = tokenizer.token_to_id(eos_token)
+    if eos is None:
+        raise DataError(f"tokenizer has no token {eos_token!r} to end documents with")
+    tokenizer = plain_text_encoder(tokenizer)
+    texts = sources.training_texts(data_cfg, limit or 2**62)
+    docs = (np.asarray(enc.ids) for enc in encode_batches(tokenizer, texts))
+    if sources.kind_of_file(out) == "array_record":
+        counted = []
+        n_docs = token_shards.write_token_array_record(out, (counted.append(len(d)) or d for d in docs), dtype)
+        return n_docs, sum(counted)
+    n_docs = n_tokens = 0
+    with open(out, "wb") as f:
+        for doc in docs:
+            doc = np.append(doc, eos)
+            token_shards.check_fits(doc, dtype, out)
+            f.write(doc.astype(np.dtype(token_shards.DTYPES[dtype]).newbyteorder("<")).tobytes())
+            n_docs, n_tokens = n_docs + 1, n_tokens + len(doc)
+    return n_docs, n_tokens
+
+
 # --------------------------------------------------------------------------- CLI
 
 
 def _data_config(args):
-    from jaxlm.config import DataConfig, DataSource
-
     cfg = DataConfig(source=DataSource(args.source, kind=args.kind), text_column=args.text_column)
     cfg.validate()
     return cfg
 
 
 def _cmd_train(args) -> None:
-    from jaxlm.data import sources
-
     cfg = _data_config(args)
     special = tuple(args.special) if args.special else (DEFAULT_EOS,)
     tokenizer = train_tokenizer(sources.training_texts(cfg, args.docs), args.vocab_size, special)
@@ -176,11 +373,9 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_encode(args) -> None:
-    from jaxlm.data import token_shards
-
     cfg = _data_config(args)
     tokenizer = load_tokenizer(args.tokenizer, None, args.eos)
-    n_docs, n_tokens = token_shards.encode_to_file(cfg, tokenizer, args.eos, args.out, args.dtype, args.docs)
+    n_docs, n_tokens = encode_to_file(cfg, tokenizer, args.eos, args.out, args.dtype, args.docs)
     print(f"wrote {args.out}: {n_docs} documents, {n_tokens} tokens ({args.dtype})")
 
 
@@ -203,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     encode = commands.add_parser("encode", help="pre-tokenize a source into a flat token file")
     add_source_args(encode)
-    encode.add_argument("--tokenizer", required=True)
+    encode.add_argument("--tokenizer", required=True, help="tokenizer.json, a SentencePiece .model, or their directory")
     encode.add_argument("--eos", default=DEFAULT_EOS, help="token appended after every document")
     encode.add_argument("--docs", type=int, default=0, help="stop after N documents (0: all)")
     encode.add_argument("--dtype", choices=("uint16", "uint32"), default="uint16")
