@@ -92,7 +92,8 @@ def resolve(source, filename: str | None = None, *, revision: str | None = None)
     repo_id, filename, parsed_revision = parse(str(source), filename)
     revision = revision or parsed_revision
     hub = _hub()
-    what = f"{repo_id}{'@' + revision if revision else ''}{'/' + filename if filename else ''} (Hugging Face Hub)"
+    what = f"{repo_id}{'@' + revision if revision else ''}{'/' + filename if filename else ''} (Hugging Face Hub"
+    what += ")" if str(source).startswith(PREFIX) else f"; no local path {source} either)"
     if filename is None:
         try:
             return pathlib.Path(hub.snapshot_download(repo_id, revision=revision, allow_patterns=SNAPSHOT_PATTERNS))
