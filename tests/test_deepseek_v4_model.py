@@ -98,6 +98,7 @@ def test_flops_per_token_formula():
     per_layer = 160 * 320 + 768 * 160 + 96 * 320 + 160 * 384 + 320 * 160 + 4 * 320 + 3 * 3 * 640 * 320 + 2 * 24 * 1280
     active = 8 * per_layer + 129280 * 320 + 4 * 1280
     assert cfg.flops_per_token(2048) == 6 * active + 8 * 12 * 8 * 96 * 2049 / 2
+    assert round(cfg.flops_per_token(2048) / 1e6, 1) == 430.5   # issue 23's figure for upstream's step
 
 
 def test_validate_rejects_too_many_experts_per_token():
@@ -266,4 +267,15 @@ def test_bf16_logits_near_float32(nanowhale):
     half = build(cfg, naming.params_from_state_dict(tensors, cfg), jnp.bfloat16)
     logits = np.asarray(jax.jit(lambda i: half(i))(ids))
     assert np.isfinite(logits).all()
-    assert np.abs(logits - np.load(d / "logits.npy")).max() < 2e-2
+    # Upstream cast wholly to bf16 is off by 6.1e-3 (manifest); float32 streams and mixers do better.
+    assert np.abs(logits - np.load(d / "logits.npy")).max() < 5e-3
+
+
+def test_remat_and_scan_compute_the_same_function():
+    model = randomised(TINY, seed=9)
+    ids = jnp.asarray(np.random.default_rng(10).integers(0, TINY.vocab_size, (2, 12)))
+    plain, aux = jax.jit(lambda i: model.hidden(i))(ids)
+    leaner, aux2 = jax.jit(lambda i: model.hidden(i, remat="full", scan_layers=True))(ids)
+    np.testing.assert_allclose(np.asarray(leaner), np.asarray(plain), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(aux2.metrics["expert_load"]), np.asarray(aux.metrics["expert_load"]))
+    assert abs(float(np.sum(aux.metrics["expert_load"])) - 1.0) < 1e-6
