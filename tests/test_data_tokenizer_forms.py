@@ -81,13 +81,16 @@ def test_sentencepiece_decoding_round_trips(llama, sp):
         assert llama.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text
 
 
-def test_pipeline_frames_sentencepiece_documents_with_bos(llama, sp, tmp_path):
+@pytest.mark.parametrize("eos_token", ["</s>", ""])
+def test_pipeline_frames_sentencepiece_documents_with_bos(llama, sp, tmp_path, eos_token):
+    """BOS as the tokenizer frames a text; EOS as the pipeline ends a document, or none with
+    ``eos_token=""`` (upstream's framing: BOS in front, no EOS)."""
     doc = "One document: 42 cafés, 東京 🦊.\nWith  a newline."
     (tmp_path / "docs.jsonl").write_text(json.dumps({"text": doc}) + "\n", encoding="utf-8")
     cfg = DataConfig(source=str(tmp_path / "docs.jsonl"), tokenizer=str(fixture_dir("llama_think") / "tokenizer.model"),
-                     eos_token="</s>", heldout_fraction=0.0)
+                     eos_token=eos_token, heldout_fraction=0.0)
     tokenizer = load_tokenizer_for(cfg, vocab_size=32000)
-    framed = [1] + sp.encode(doc) + [2]  # BOS as the tokenizer frames a text, EOS as the pipeline ends a document
+    framed = [1] + sp.encode(doc) + ([2] if eos_token else [])
     it = make_batch_iterator(cfg, tokenizer, seq_len=len(framed) - 1, batch_size=1, seed=0)
     try:
         windows = [next(it)[0].tolist() for _ in range(2)]

@@ -161,3 +161,19 @@ def test_llama2_shards_decode_back_to_their_lines(tmp_path):
     pieces = np.split(batch, np.flatnonzero(batch == 1)[1:])
     assert [tok.decode(p.tolist()) for p in pieces] == [line.strip() for line in raw.split("\n") if line.strip()]
     assert tok.encode("Last line.").ids == ids[-len(sp.encode("Last line.")) - 1:].tolist()  # BOS + the line
+
+
+def test_encode_cli_writes_the_upstream_layout_byte_for_byte(tmp_path):
+    """``encode --lines --eos ''`` with the tokenizer.model gives what upstream's pretokenize writes."""
+    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("transformers.convert_slow_tokenizer")
+    from jaxlm.data.tokenizer import main
+
+    model = fixture_dir("llama_think") / "tokenizer.model"
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    raw = _raw_text(0, docs=6) + "Ünïcode line, 東京 🦊  \n\n\n   \nA last  line.\n"
+    (tmp_path / "shard_00000.txt").write_text(raw, encoding="utf-8")
+    out = tmp_path / "shard_00000.bin"
+    assert main(["encode", "--source", str(tmp_path / "shard_00000.txt"), "--tokenizer", str(model),
+                 "--lines", "--eos", "", "--out", str(out)]) == 0
+    assert out.read_bytes() == _pretokenize(raw, sp.encode, sp.bos_id()).tobytes()

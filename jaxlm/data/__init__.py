@@ -9,7 +9,8 @@ The train loop needs two calls::
 """
 
 from jaxlm.data.pipeline import make_batch_iterator, make_dataset
-from jaxlm.data.tokenizer import load_tokenizer, load_tokenizer_for, save_tokenizer, train_tokenizer
+from jaxlm.data.tokenizer import (SpecialTokens, load_tokenizer, load_tokenizer_for, save_tokenizer, special_tokens,
+                                  train_tokenizer)
 
-__all__ = ["load_tokenizer", "load_tokenizer_for", "make_batch_iterator", "make_dataset", "save_tokenizer",
-           "train_tokenizer"]
+__all__ = ["SpecialTokens", "load_tokenizer", "load_tokenizer_for", "make_batch_iterator", "make_dataset",
+           "save_tokenizer", "special_tokens", "train_tokenizer"]

@@ -1,7 +1,8 @@
 """The Grain pipeline: documents -> tokens + EOS -> packed ``seq_len + 1`` windows -> batches.
 
 Per source (see ``sources``), documents are split train/held-out, sharded by JAX process,
-shuffled per epoch from the seed, tokenized with EOS appended and packed by Grain's
+shuffled per epoch from the seed, tokenized (framed as the tokenizer frames a text) with EOS
+appended (unless ``data.eos_token`` is empty) and packed by Grain's
 concat-then-split packer into windows of ``seq_len + 1`` tokens (inputs ``[:, :-1]``, targets
 ``[:, 1:]``). A mixture interleaves the sources' windows with ``IterDataset.mix``, so the
 weights are shares of tokens. Windows are batched, and ``num_workers`` Grain processes each
@@ -113,7 +114,8 @@ class _Context:
     def __init__(self, data_cfg, tokenizer, seq_len, seed, split, process_index, process_count):
         self.cfg = data_cfg
         self.tokenizer = tokenizer
-        self.eos_id = tokenizer.token_to_id(data_cfg.eos_token)
+        # data.eos_token "" ends documents with nothing (Llama Think frames a text with BOS only).
+        self.eos_id = tokenizer.token_to_id(data_cfg.eos_token) if data_cfg.eos_token else None
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.window = seq_len + 1
         self.seed = seed
@@ -262,7 +264,7 @@ class _Encode:
     fake an EOS. Pickled as JSON, since ``tokenizers`` drops that setting when pickled.
     """
 
-    def __init__(self, tokenizer, eos_id: int):
+    def __init__(self, tokenizer, eos_id: int | None):
         self._json = tokenizer.to_str()
         self._eos = eos_id
         self._tokenizer = None
@@ -276,16 +278,15 @@ class _Encode:
 
             self._tokenizer = plain_text_encoder(Tokenizer.from_str(self._json))
         ids = self._tokenizer.encode(text).ids
-        tokens = np.empty(len(ids) + 1, np.int32)
-        tokens[:-1] = ids
-        tokens[-1] = self._eos
-        return {_FEATURE: tokens}
+        if self._eos is not None:
+            ids.append(self._eos)
+        return {_FEATURE: np.asarray(ids, np.int32)}
 
 
 class _CheckedTokens:
-    """Pre-tokenized documents: ids checked against the vocabulary, EOS appended."""
+    """Pre-tokenized documents: ids checked against the vocabulary, EOS appended (if any)."""
 
-    def __init__(self, reader, vocab_size: int, eos_id: int):
+    def __init__(self, reader, vocab_size: int, eos_id: int | None):
         self.reader, self.vocab_size, self.eos_id = reader, vocab_size, eos_id
 
     def __len__(self) -> int:
@@ -297,7 +298,8 @@ class _CheckedTokens:
             bad = int(tokens.max())
             raise DataError(f"{self.reader.where(index)}: token id {bad} >= vocabulary size {self.vocab_size}; "
                             f"the data was made with another tokenizer")
-        return {_FEATURE: np.append(tokens.astype(np.int32), np.int32(self.eos_id))}
+        tail = [] if self.eos_id is None else [self.eos_id]
+        return {_FEATURE: np.append(tokens.astype(np.int32), np.asarray(tail, np.int32))}
 
 
 class _Subset:

@@ -300,7 +300,8 @@ def load_tokenizer_for(data_cfg, vocab_size: int):
 
 
 def special_tokens_of(data_cfg) -> tuple[str, ...]:
-    return (data_cfg.eos_token,) + tuple(t for t in data_cfg.special_tokens if t != data_cfg.eos_token)
+    eos = (data_cfg.eos_token,) if data_cfg.eos_token else ()
+    return eos + tuple(t for t in data_cfg.special_tokens if t != data_cfg.eos_token)
 
 
 def cached_tokenizer_path(data_cfg, vocab_size: int) -> pathlib.Path:
@@ -332,13 +333,22 @@ def encode_batches(tokenizer, texts: Iterable[str], batch: int = 1024) -> Iterat
         yield from tokenizer.encode_batch(chunk)
 
 
-def encode_to_file(data_cfg, tokenizer, eos_token: str, out: str, dtype: str = "uint16", limit: int = 0):
-    """Tokenize a source's documents (in order) into a flat file or an ArrayRecord file."""
-    eos = tokenizer.token_to_id(eos_token)
-    if eos is None:
+def encode_to_file(data_cfg, tokenizer, eos_token: str, out: str, dtype: str = "uint16", limit: int = 0,
+                   lines: bool = False):
+    """Tokenize a source's documents (in order) into a flat file or an ArrayRecord file.
+
+    ``eos_token=""`` appends nothing. ``lines=True`` encodes every non-empty stripped line of a
+    document on its own, as Llama Think's ``pretokenize`` does (with its tokenizer.model and no
+    EOS, the flat file is then that layout: BOS + ids per line); ``limit`` still counts documents.
+    """
+    eos = tokenizer.token_to_id(eos_token) if eos_token else None
+    if eos_token and eos is None:
         raise DataError(f"tokenizer has no token {eos_token!r} to end documents with")
     tokenizer = plain_text_encoder(tokenizer)
     texts = sources.training_texts(data_cfg, limit or 2**62)
+    if lines:
+        texts = _stripped_lines(texts)
+    tail = np.asarray([] if eos is None else [eos], np.int64)
     docs = (np.asarray(enc.ids) for enc in encode_batches(tokenizer, texts))
     if sources.kind_of_file(out) == "array_record":
         counted = []
@@ -347,11 +357,20 @@ def encode_to_file(data_cfg, tokenizer, eos_token: str, out: str, dtype: str = "
     n_docs = n_tokens = 0
     with open(out, "wb") as f:
         for doc in docs:
-            doc = np.append(doc, eos)
+            doc = np.append(doc, tail)
             token_shards.check_fits(doc, dtype, out)
             f.write(doc.astype(np.dtype(token_shards.DTYPES[dtype]).newbyteorder("<")).tobytes())
             n_docs, n_tokens = n_docs + 1, n_tokens + len(doc)
     return n_docs, n_tokens
+
+
+def _stripped_lines(texts: Iterable[str]) -> Iterator[str]:
+    """Non-empty stripped lines, split at \\n, \\r\\n and \\r as a file read line by line in text mode is."""
+    for text in texts:
+        for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+            line = line.strip()
+            if line:
+                yield line
 
 
 # --------------------------------------------------------------------------- CLI
@@ -375,7 +394,7 @@ def _cmd_train(args) -> None:
 def _cmd_encode(args) -> None:
     cfg = _data_config(args)
     tokenizer = load_tokenizer(args.tokenizer, None, args.eos)
-    n_docs, n_tokens = encode_to_file(cfg, tokenizer, args.eos, args.out, args.dtype, args.docs)
+    n_docs, n_tokens = encode_to_file(cfg, tokenizer, args.eos, args.out, args.dtype, args.docs, args.lines)
     print(f"wrote {args.out}: {n_docs} documents, {n_tokens} tokens ({args.dtype})")
 
 
@@ -399,7 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     encode = commands.add_parser("encode", help="pre-tokenize a source into a flat token file")
     add_source_args(encode)
     encode.add_argument("--tokenizer", required=True, help="tokenizer.json, a SentencePiece .model, or their directory")
-    encode.add_argument("--eos", default=DEFAULT_EOS, help="token appended after every document")
+    encode.add_argument("--eos", default=DEFAULT_EOS, help="token appended after every document ('': none)")
+    encode.add_argument("--lines", action="store_true",
+                        help="encode each non-empty stripped line on its own (Llama Think's pretokenize layout)")
     encode.add_argument("--docs", type=int, default=0, help="stop after N documents (0: all)")
     encode.add_argument("--dtype", choices=("uint16", "uint32"), default="uint16")
     encode.add_argument("--out", required=True, help=".bin (flat tokens) or .array_record (one record per doc)")
