@@ -25,7 +25,7 @@ def shapes_of(tensors):
 
 def test_config_from_fixture_fields(fixture_files):
     _, tensors, fields = fixture_files
-    cfg = naming.config_from_fields(fields, shapes_of(tensors), "fixture")
+    cfg, _ = naming.config_from_fields(fields, shapes_of(tensors), "fixture")
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                  "qk_rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "n_routed_experts",
                  "num_experts_per_tok", "moe_intermediate_size", "hc_mult", "hc_sinkhorn_iters", "rope_theta",
@@ -36,7 +36,7 @@ def test_config_from_fixture_fields(fixture_files):
 
 def test_state_dict_round_trip_is_bit_identical(fixture_files):
     _, tensors, fields = fixture_files
-    cfg = naming.config_from_fields(fields, shapes_of(tensors), "fixture")
+    cfg, _ = naming.config_from_fields(fields, shapes_of(tensors), "fixture")
     flat = naming.params_from_state_dict(tensors, cfg)
     assert flat["layers/1/ffn/experts/w2"].shape == (cfg.n_routed_experts, cfg.moe_intermediate_size,
                                                      cfg.hidden_size)
@@ -50,7 +50,7 @@ def test_state_dict_round_trip_is_bit_identical(fixture_files):
 
 def test_safetensors_file_round_trip(fixture_files, tmp_path):
     _, tensors, fields = fixture_files
-    cfg = naming.config_from_fields(fields, shapes_of(tensors), "fixture")
+    cfg, _ = naming.config_from_fields(fields, shapes_of(tensors), "fixture")
     out = tmp_path / "model.safetensors"
     safetensors_file.save(naming.state_dict_from_params(naming.params_from_state_dict(tensors, cfg), cfg), out,
                           {"format": "pt"})
@@ -62,14 +62,14 @@ def test_safetensors_file_round_trip(fixture_files, tmp_path):
 def test_orig_mod_prefix_is_stripped(fixture_files):
     _, tensors, fields = fixture_files
     prefixed = {f"_orig_mod.{k}": v for k, v in tensors.items()}
-    cfg = naming.config_from_fields(fields, shapes_of(prefixed), "fixture")
+    cfg, _ = naming.config_from_fields(fields, shapes_of(prefixed), "fixture")
     flat = naming.params_from_state_dict(prefixed, cfg)
     np.testing.assert_array_equal(flat["lm_head"], tensors["lm_head.weight"])
 
 
 def test_fields_for_torch_keeps_every_original_field(fixture_files):
     _, tensors, fields = fixture_files
-    cfg = naming.config_from_fields(fields, shapes_of(tensors), "fixture")
+    cfg, _ = naming.config_from_fields(fields, shapes_of(tensors), "fixture")
     assert naming.fields_for_torch(cfg, fields) == fields
     full = json.loads((fixture_dir("nanowhale") / "full_config.json").read_text())
     written = naming.fields_for_torch(DeepSeekV4Config(), None)
@@ -90,7 +90,7 @@ def test_field_contradicting_shapes_is_one_line(fixture_files):
 
 def test_missing_and_extra_keys_are_one_line(fixture_files):
     _, tensors, fields = fixture_files
-    cfg = naming.config_from_fields(fields, shapes_of(tensors), "fixture")
+    cfg, _ = naming.config_from_fields(fields, shapes_of(tensors), "fixture")
     missing = {k: v for k, v in tensors.items() if k != "model.layers.1.ffn.experts.3.w3.weight"}
     with pytest.raises(CheckpointError, match=r"key model.layers.1.ffn.experts.3.w3.weight is missing"):
         naming.params_from_state_dict(missing, cfg)
@@ -115,4 +115,16 @@ def test_hash_layers_lose_their_bias():
     assert "model.layers.0.ffn.gate.bias" not in shapes and "model.layers.1.ffn.gate.bias" in shapes
     assert sum(int(np.prod(s)) for s in shapes.values()) == cfg.param_count()
     fields = {"num_hash_layers": 1, "qk_rope_head_dim": 4}
-    assert naming.config_from_fields(fields, shapes, "test") == cfg
+    assert naming.config_from_fields(fields, shapes, "test")[0] == cfg
+
+
+def test_overrides_and_report(fixture_files):
+    _, tensors, fields = fixture_files
+    bare = {k: v for k, v in fields.items() if k not in ("hidden_size", "num_hidden_layers")}
+    cfg, report = naming.config_from_fields(bare, shapes_of(tensors), "fixture",
+                                            overrides=["moe_dispatch=dense_capacity"])
+    assert cfg.moe_dispatch == "dense_capacity" and (cfg.hidden_size, cfg.num_hidden_layers) == (64, 2)
+    assert report.inferred["hidden_size"] == 64 and "sliding_window" in report.ignored
+    entries = naming.entries(cfg)
+    stacked = [e for e in entries if e.kind == "stack" and e.targets == ["layers/0/ffn/experts/w2"]]
+    assert [e.index for e in stacked] == [0, 1, 2, 3] and {e.count for e in stacked} == {4}

@@ -62,7 +62,7 @@ def nanowhale():
     d = fixture_dir("nanowhale")
     tensors, _ = safetensors_file.load(d / "model.safetensors")
     fields = json.loads((d / "config.json").read_text())
-    cfg = naming.config_from_fields(fields, {k: v.shape for k, v in tensors.items()}, "fixture")
+    cfg, _ = naming.config_from_fields(fields, {k: v.shape for k, v in tensors.items()}, "fixture")
     model = build(cfg, naming.params_from_state_dict(tensors, cfg))
     return d, cfg, tensors, model
 

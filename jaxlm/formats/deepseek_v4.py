@@ -16,17 +16,13 @@ import re
 
 import numpy as np
 
-from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.errors import CheckpointError
+from jaxlm.formats import keymap
+from jaxlm.formats.keymap import ConfigReport, KeyEntry, strip_prefixes
 from jaxlm.models.deepseek_v4 import DeepSeekV4Config
 
-try:  # the generic key-mapping module (being split out of formats/toylm.py)
-    from jaxlm.formats.keymap import KeyEntry, strip_prefixes
-except ImportError:  # pragma: no cover - until keymap.py lands
-    from jaxlm.formats.toylm import KeyEntry, strip_prefixes
-
 FAMILY = "deepseek_v4"
-
-_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+DISPLAY = "DeepSeek-V4"
 
 # config.json fields that the architecture reads, with its names (the config's own fields).
 _HF_FIELDS = tuple(f.name for f in dataclasses.fields(DeepSeekV4Config)
@@ -37,7 +33,7 @@ _HF_FIELDS = tuple(f.name for f in dataclasses.fields(DeepSeekV4Config)
 
 
 def _param(name: str, target: str, transpose: bool, role: str) -> KeyEntry:
-    return KeyEntry(name, "param", [target], transpose, role=role)
+    return keymap.param(name, target, role=role, transpose=transpose)
 
 
 def entries(cfg: DeepSeekV4Config) -> list[KeyEntry]:
@@ -62,10 +58,11 @@ def entries(cfg: DeepSeekV4Config) -> list[KeyEntry]:
         out.append(_param(f"{key}ffn.gate.weight", f"{path}ffn/gate/kernel", True, "gate"))
         if cfg.has_router_bias(i):
             out.append(_param(f"{key}ffn.gate.bias", f"{path}ffn/gate/bias", False, "gate bias"))
-        for e in range(cfg.n_routed_experts):
-            for w in ("w1", "w2", "w3"):
-                out.append(KeyEntry(f"{key}ffn.experts.{e}.{w}.weight", "stack", [f"{path}ffn/experts/{w}"], True,
-                                    role=f"expert {w}"))
+        stacks = {w: keymap.stack([f"{key}ffn.experts.{e}.{w}.weight" for e in range(cfg.n_routed_experts)],
+                                  f"{path}ffn/experts/{w}", role=f"expert {w}")
+                  for w in ("w1", "w2", "w3")}
+        for e in range(cfg.n_routed_experts):   # module order: expert by expert
+            out += [stacks[w][e] for w in ("w1", "w2", "w3")]
         for w, ours in (("w1", "gate"), ("w2", "down"), ("w3", "up")):
             out.append(_param(f"{key}ffn.shared_expert.{w}.weight", f"{path}ffn/shared_expert/{ours}/kernel", True,
                               f"shared expert {w}"))
@@ -115,33 +112,29 @@ def check_keys(shapes: dict[str, tuple], cfg: DeepSeekV4Config, source: str = "c
             raise CheckpointError(f"{source}: {name} has shape {shapes[name]}, the config gives {tuple(shape)}")
 
 
+def param_shapes(cfg: DeepSeekV4Config) -> dict[str, tuple]:
+    """The jaxlm (Flax layout) shape of every variable the file holds."""
+    torch_shapes, out = expected_shapes(cfg), {}
+    for entry in entries(cfg):
+        shape = torch_shapes[entry.name][::-1] if entry.transpose else torch_shapes[entry.name]
+        out[entry.targets[0]] = (entry.count, *shape) if entry.kind == "stack" else tuple(shape)
+    return out
+
+
 def params_from_state_dict(tensors: dict, cfg: DeepSeekV4Config, source: str = "checkpoint") -> dict[str, np.ndarray]:
     """``{jaxlm path: array}`` (Flax layout, the file's dtype) from the file's tensors."""
     tensors = _stripped(tensors)
     check_keys({name: np.shape(t) for name, t in tensors.items()}, cfg, source)
-    flat: dict[str, np.ndarray] = {}
-    stacks: dict[str, dict[int, np.ndarray]] = {}
+    assembler = keymap.Assembler(param_shapes(cfg))
     for entry in entries(cfg):
-        array = np.asarray(tensors[entry.name])
-        array = array.T if entry.transpose else array
-        if entry.kind == "stack":
-            stacks.setdefault(entry.targets[0], {})[int(_EXPERT.search(entry.name)[1])] = array
-        else:
-            flat[entry.targets[0]] = np.ascontiguousarray(array)
-    for target, rows in stacks.items():
-        flat[target] = np.stack([rows[e] for e in range(len(rows))])
-    return flat
+        assembler.add(entry, np.asarray(tensors[entry.name]))
+    return {path: np.ascontiguousarray(a) for path, a in assembler.result().items()}
 
 
 def state_dict_from_params(flat: dict, cfg: DeepSeekV4Config) -> dict[str, np.ndarray]:
     """The file's tensors (PyTorch layout, the params' dtype), in upstream's module order."""
-    out = {}
-    for entry in entries(cfg):
-        array = np.asarray(flat[entry.targets[0]])
-        if entry.kind == "stack":
-            array = array[int(_EXPERT.search(entry.name)[1])]
-        out[entry.name] = np.ascontiguousarray(array.T if entry.transpose else array)
-    return out
+    flat = {path: np.asarray(a) for path, a in flat.items()}
+    return {entry.name: keymap.to_torch(entry, flat) for entry in entries(cfg)}
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -182,36 +175,28 @@ def _dims_from_shapes(shapes: dict[str, tuple]) -> dict[str, int]:
     return dims
 
 
-def config_from_fields(fields: dict, shapes: dict[str, tuple], source: str = "checkpoint") -> DeepSeekV4Config:
-    """The config of a ``config.json``'s fields; a field that contradicts the tensors is an error
-    naming it; one the file lacks is taken from the tensors (or upstream's default)."""
-    import typing
-    types = typing.get_type_hints(DeepSeekV4Config)
-    values = {}
-    for name in _HF_FIELDS:
-        if fields.get(name) is not None:
-            value = fields[name]
-            if types[name] is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            values[name] = value
+def config_from_fields(fields: dict, shapes: dict[str, tuple], source: str = "checkpoint",
+                       overrides=()) -> tuple[DeepSeekV4Config, ConfigReport]:
+    """``(config, report)`` from a ``config.json``'s fields and the tensor shapes, ``FIELD=VALUE``
+    overrides applied; a field that contradicts the tensors is an error naming it; one the file
+    lacks is read off the tensors (or takes upstream's default)."""
+    fields = dict(fields or {})
+    report = ConfigReport()
+    values = {name: fields[name] for name in _HF_FIELDS if fields.get(name) is not None}
+    report.ignored = {k: v for k, v in fields.items() if k not in values}
     if "rope_theta" not in values and isinstance(fields.get("rope_parameters"), dict):
         theta = fields["rope_parameters"].get("rope_theta")
         if theta is not None:
-            values["rope_theta"] = float(theta)
+            values["rope_theta"] = report.inferred["rope_theta"] = theta
     for name, value in _dims_from_shapes(shapes).items():
         if name not in values:
-            values[name] = value
+            values[name] = report.inferred[name] = value
         elif values[name] != value:
             raise CheckpointError(f"{source}: config.json {name} = {values[name]!r} but the tensors say {value}; "
                                   f"fix {name} in config.json")
-    try:
-        cfg = DeepSeekV4Config(**values)
-        object.__setattr__(cfg, "_config_path", "config.json ")   # error messages name the file's field
-        cfg.validate()
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{source}: its config.json does not make a valid DeepSeek-V4 model: {e}") from None
+    cfg = keymap.build_config(DeepSeekV4Config, values, source, overrides, report)
     check_keys(shapes, cfg, source)
-    return cfg
+    return cfg, report
 
 
 # config.json fields upstream writes that the architecture does not read, at upstream's values
@@ -231,7 +216,7 @@ def _upstream_extras(cfg: DeepSeekV4Config) -> dict:
     }
 
 
-def fields_for_torch(cfg: DeepSeekV4Config, original: dict | None = None) -> dict:
+def fields_for_torch(cfg: DeepSeekV4Config, original: dict | None = None, report=None) -> dict:
     """The ``config.json`` to write: every original field kept (those of the config updated), or
     upstream's full set for a model that did not come from a file."""
     ours = {name: getattr(cfg, name) for name in _HF_FIELDS}
