@@ -6,6 +6,7 @@ here; each is refused when it has more ids than the model's vocabulary."""
 import json
 import random
 import shutil
+import sys
 
 import pytest
 
@@ -111,6 +112,13 @@ def test_sentencepiece_refusals_name_the_fix(spm_path, tmp_path):
         load_tokenizer(bad)
     shutil.copy(spm_path, tmp_path / "copy.model")
     assert load_tokenizer(tmp_path / "copy.model", eos_token="</s>").get_vocab_size() == 32000
+
+
+def test_without_transformers_the_sentencepiece_model_names_what_to_install(spm_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers.convert_slow_tokenizer", None)  # import fails
+    with pytest.raises(DataError, match=r"tokenizer\.model: a SentencePiece model; converting it needs "
+                                        r"transformers >= 5\.24 and protobuf \(pip install"):
+        load_tokenizer(spm_path, eos_token="</s>")
 
 
 # --------------------------------------------------------------------------- DeepSeek-V4 form

@@ -5,7 +5,7 @@ Every tokenizer is a Hugging Face ``tokenizers.Tokenizer``, whatever file it cam
 - ``tokenizer.json`` (``tokenizers`` form: a BPE trained here, GPT-2, DeepSeek-V4, ...), with the
   ``tokenizer_config.json`` beside it, when there is one, naming its BOS/EOS tokens;
 - a SentencePiece ``tokenizer.model`` (Llama 2), converted by ``transformers``' SentencePiece
-  converter (optional dependency: ``pip install 'jaxlm[sentencepiece]'``), which follows the
+  converter (optional dependency: ``pip install 'transformers>=5.24' protobuf``), which follows the
   model's own normalizer settings and ranks BPE merges by piece score, so that ids equal
   ``sentencepiece``'s; its control pieces become special tokens and ``encode`` puts BOS in front
   of the ids, as ``sentencepiece`` users do (``add_special_tokens=False``: the bare ids);
@@ -15,6 +15,8 @@ Every tokenizer is a Hugging Face ``tokenizers.Tokenizer``, whatever file it cam
         --vocab-size 8192 --out tokenizer.json
     python -m jaxlm.data.tokenizer encode --source corpus.jsonl --tokenizer tokenizer.json \\
         --out corpus.bin                      # nanoGPT-style flat uint16 tokens, EOS after each doc
+    python -m jaxlm.data.tokenizer encode --source raw/shard_00000.txt --tokenizer tokenizer.model \\
+        --lines --eos '' --out shard_00000.bin   # Llama Think's layout: BOS + ids per line
 
 Training is deterministic: the same documents, vocabulary size and special tokens give a
 byte-identical ``tokenizer.json`` (the BPE trainer breaks ties between equally frequent
@@ -136,7 +138,7 @@ def _sentencepiece_proto(path: pathlib.Path):
         model_pb2 = import_protobuf()
     except ImportError:
         raise DataError(f"tokenizer {path}: a SentencePiece model; converting it needs transformers >= 5.24 "
-                        f"and protobuf (pip install 'jaxlm[sentencepiece]')") from None
+                        f"and protobuf (pip install 'transformers>=5.24' protobuf)") from None
     if not hasattr(SpmConverter, "build_tokenizer_from_spm_proto"):
         raise DataError(f"tokenizer {path}: this transformers has no SentencePiece converter that follows the "
                         f"model's settings; pip install 'transformers>=5.24'")
