@@ -141,9 +141,9 @@ class DataConfig:
     # One source ("pydoc": CPython's docs, no download; or a path/glob/"hf://"/"tfds:" spec),
     # or a weighted mixture: (DataSource("a/*.parquet", 0.7), DataSource("b.jsonl", 0.3)).
     source: str | tuple[DataSource, ...] = "pydoc"
-    tokenizer: str = ""                # tokenizer.json path ("" : train one on the source, cached)
+    tokenizer: str = ""                # tokenizer.json, SentencePiece .model, or their directory ("": train one, cached)
     vocab_size: int = 0                # size of a tokenizer trained here (0: model vocab)
-    eos_token: str = "<|endoftext|>"   # appended to every document; a special token of the tokenizer
+    eos_token: str = "<|endoftext|>"   # appended to every document ("": none, BOS-only framing as Llama Think's)
     special_tokens: tuple[str, ...] = ()   # further special tokens of a tokenizer trained here
     tokenizer_train_docs: int = 100_000    # documents a tokenizer trained here sees (the cards: 100k)
     text_column: str = "text"
@@ -161,8 +161,6 @@ class DataConfig:
         _non_negative(self, "vocab_size", "num_workers", "read_threads")
         _positive(self, "tokenizer_train_docs", "shuffle_buffer")
         _fraction(self, "heldout_fraction")
-        if not self.eos_token:
-            _fail(self, "eos_token", "must name a special token, e.g. '<|endoftext|>'")
         if isinstance(self.source, str):
             if not self.source:
                 _fail(self, "source", "must name a source, e.g. 'pydoc' or 'data/*.parquet'")
