@@ -44,3 +44,13 @@ def test_tiny_config_file_is_the_fixture_shape():
     cfg = _config("llama_think_tiny")
     assert cfg.model.param_count() == 207_016
     assert cfg.model.rotary_dim == 4 and cfg.model.ffn_dim == 128 and cfg.model.gdn_conv_channels == 144
+
+
+def test_the_family_record_builds_the_model_through_the_registry():
+    from jaxlm import models
+    models.register(FAMILY)
+    cfg = _config("llama_think_tiny").model
+    assert models.config_class("hybrid") is HybridConfig
+    model = nnx.eval_shape(lambda: models.build_model(cfg, rngs=nnx.Rngs(0), dtype=jax.numpy.float32))
+    assert isinstance(model, family.FamilyModel) and model.cfg is cfg
+    assert FAMILY.naming == "jaxlm.formats.hybrid" and importlib.import_module(FAMILY.naming).FAMILY == "hybrid"

@@ -16,6 +16,7 @@ from conftest import fixture_dir
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.formats import hybrid as fh
 from jaxlm.formats import torch_pt
+from jaxlm.loss import lm_loss
 from jaxlm.models.hybrid import HybridConfig, HybridLM, csa, gdn
 from jaxlm.optim.partition import path_name
 
@@ -132,6 +133,18 @@ def test_fixture_logits_and_loss(golden, forward):
     keep = targets != -1
     loss = -np.take_along_axis(logp, np.maximum(targets, 0)[..., None], axis=-1)[..., 0][keep].mean()
     assert abs(loss - json.loads((path / "loss.json").read_text())["loss"]) < 1e-5
+
+
+def test_fixture_logits_in_bfloat16_compute(golden):
+    """Mixed precision (bf16 matmuls, float32 params, norms, GDN state and softmax) stays near the golden logits."""
+    path, ck, cfg, _ = golden
+    model = _load(HybridLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16), fh.params_from_state_dict(ck["model"], cfg))
+    graphdef, state = nnx.split(model)
+    logits = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids))(state, jnp.asarray(np.load(path / "input_ids.npy")))
+    want = np.load(path / "logits.npy")
+    assert logits.dtype == jnp.float32
+    error = np.abs(np.asarray(logits) - want).max()
+    assert 0 < error < 1e-2 * np.abs(want).max()
 
 
 # ----------------------------------------------------------------------------- Gated DeltaNet
@@ -310,10 +323,8 @@ def test_gradients_are_finite_under_jit(dtype):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ids = jax.random.randint(jax.random.key(0), (2, 71), 0, cfg.vocab_size)
 
-    def loss(params):
-        m = nnx.merge(graphdef, params, rest)
-        logits = m(ids[:, :-1])
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1))
+    def loss(params):   # the generic loss, through output_projection (head and cross-entropy fused)
+        return lm_loss(nnx.merge(graphdef, params, rest), ids, fused=True)[0]
 
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     leaves = jax.tree.leaves(grads)

@@ -75,34 +75,44 @@ def chunked_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, *, chunk: int, s
 
     ``q`` is already scaled; ``g`` is the log-decay (<= 0). A time with ``g = 0`` and ``beta = 0``
     leaves the state as it is, which is how padding (at either end) is made invisible.
+
+    Precision: the within-chunk products take their operands in ``q``'s dtype (bf16 under mixed
+    precision) and accumulate in float32; the decays, the inverse and everything that touches
+    the carried state are float32.
     """
     B, T, H, K = q_BTHK.shape
     V = v_BTHV.shape[-1]
     n = -(-T // chunk)
     pad = n * chunk - T
+    low = q_BTHK.dtype
 
-    def chunks(x):   # [B, T, H, ...] -> [B, H, n, c, ...] float32
-        x = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    def chunks(x, dtype):   # [B, T, H, ...] -> [B, H, n, c, ...]
+        x = jnp.pad(x.astype(dtype), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         x = x.reshape(B, n, chunk, H, *x.shape[3:])
         return jnp.moveaxis(x, 3, 1)
 
-    q, k, v, g, beta = chunks(q_BTHK), chunks(k_BTHK), chunks(v_BTHV), chunks(g_BTH), chunks(beta_BTH)
+    def mm(a, b):   # a @ b with operands in the compute dtype, float32 out
+        return jnp.matmul(a.astype(low), b.astype(low), preferred_element_type=jnp.float32)
+
+    q, k, v = chunks(q_BTHK, low), chunks(k_BTHK, low), chunks(v_BTHV, low)
+    g, beta = chunks(g_BTH, jnp.float32), chunks(beta_BTH, jnp.float32)
     gam = jnp.cumsum(g, axis=-1)                                        # [B, H, n, c]
     diff = gam[..., :, None] - gam[..., None, :]
     row, col = jnp.arange(chunk)[:, None], jnp.arange(chunk)[None, :]
     # exp only where i >= j, where the difference is <= 0 (elsewhere it could overflow).
     decay_incl = jnp.where(row >= col, jnp.exp(jnp.where(row >= col, diff, 0.0)), 0.0)
     decay_strict = jnp.where(row > col, decay_incl, 0.0)
-    a = beta[..., :, None] * jnp.einsum("...ik,...jk->...ij", k, k) * decay_strict
+    k_T = jnp.swapaxes(k, -1, -2)
+    a = beta[..., :, None] * mm(k, k_T) * decay_strict
     t_inv = unit_lower_inverse(a)
-    u = t_inv @ (beta[..., None] * v)                                   # [B, H, n, c, V]
-    w = t_inv @ ((beta * jnp.exp(gam))[..., None] * k)                  # [B, H, n, c, K]
-    p = jnp.einsum("...ik,...jk->...ij", q, k) * decay_incl
-    o_intra = p @ u
-    q_state = jnp.exp(gam)[..., None] * q - p @ w                       # what reads the chunk's start state
-    k_decayed = jnp.exp(gam[..., -1:] - gam)[..., None] * k
-    kw = jnp.swapaxes(k_decayed, -1, -2) @ w                            # [B, H, n, K, K]
-    ku = jnp.swapaxes(k_decayed, -1, -2) @ u                            # [B, H, n, K, V]
+    u = mm(t_inv, beta[..., None] * v)                                  # [B, H, n, c, V]
+    w = mm(t_inv, (beta * jnp.exp(gam))[..., None] * k)                 # [B, H, n, c, K]
+    p = mm(q, k_T) * decay_incl
+    o_intra = mm(p, u)
+    q_state = jnp.exp(gam)[..., None] * q - mm(p, w)                    # what reads the chunk's start state
+    k_decayed_T = jnp.swapaxes(jnp.exp(gam[..., -1:] - gam)[..., None] * k, -1, -2)
+    kw = jnp.matmul(k_decayed_T, w)                                     # [B, H, n, K, K] float32
+    ku = jnp.matmul(k_decayed_T, u)                                     # [B, H, n, K, V]
     decay_chunk = jnp.exp(gam[..., -1])                                 # [B, H, n]
 
     def step(s_BHKV, inputs):
