@@ -32,3 +32,14 @@ def test_nanowhale_tiny_is_the_fixture_shape():
     for name, value in fixture["config"].items():
         if hasattr(cfg.model, name) and name not in ("bos_token_id", "eos_token_id"):
             assert getattr(cfg.model, name) == value, name
+
+
+def test_config_and_model_follow_the_contract():
+    from flax import nnx
+    from jaxlm.models.family import FamilyConfig, FamilyModel, HeadLoss
+    cfg = load_config("nanowhale_tiny.py").model
+    assert isinstance(cfg, FamilyConfig) and cfg.loss_terms() == HeadLoss()
+    assert set(cfg.SHAPE_FIELDS) <= set(cfg.__dataclass_fields__)
+    assert cfg.layer_kinds() == ["mla+moe"] * cfg.num_hidden_layers and cfg.flops_note()
+    model = nnx.eval_shape(lambda: DeepSeekV4(cfg, rngs=nnx.Rngs(0)))
+    assert isinstance(model, FamilyModel)
