@@ -16,6 +16,8 @@ from jaxlm.models.family import Family
 # loaded only when a config or checkpoint of it is met).
 _BUILT_IN = {
     "toylm": "jaxlm.models.toylm",
+    "hybrid": "jaxlm.models.hybrid",
+    "deepseek_v4": "jaxlm.models.deepseek_v4",
 }
 FAMILIES: dict[str, Family] = {}
 
