@@ -55,19 +55,18 @@ def registered():
 
 def random_model(cfg=TINY, seed=0):
     """Weights larger than the init's (varied logits of a few units, no arg-max near-ties), so that a
-    mistake in a cache shows; the Buffer keeps its value."""
-    model = tg.TinyGPT(cfg, rngs=nnx.Rngs(seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
-    params = jax.tree.map(lambda p: (1.0 + 0.3 * jax.random.normal(next(keys), p.shape) if p.ndim == 1
-                                     else 0.2 * jax.random.normal(next(keys), p.shape)), params)
-    return nnx.merge(graphdef, params, rest)
+    mistake in a cache shows; the Buffer starts at zero. Built from shapes and numpy draws: no eager
+    JAX op, so nothing compiles op by op."""
+    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: tg.TinyGPT(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    rng = np.random.default_rng(seed)
+    draw = lambda p: (1.0 + 0.3 * rng.standard_normal(p.shape) if p.ndim == 1 else 0.2 * rng.standard_normal(p.shape))
+    params = jax.tree.map(lambda p: jnp.asarray(draw(p), jnp.float32), params)
+    return nnx.merge(graphdef, params, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest))
 
 
 def param_dict(model) -> dict[str, np.ndarray]:
     from jaxlm.formats.converted import flatten
-    return {k.removesuffix("/value"): np.asarray(v)
-            for k, v in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    return {k.removesuffix("/value"): v for k, v in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
 
 
 # ----------------------------------------------------------------------------- the contract in-process
@@ -75,16 +74,17 @@ def param_dict(model) -> dict[str, np.ndarray]:
 
 def test_the_family_is_registered_through_the_public_api_and_counts_itself():
     assert models.get("tinygpt").model is tg.TinyGPT and "tinygpt" in models.names()
-    model = models.build_model(TINY, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    model = nnx.eval_shape(lambda: models.build_model(TINY, rngs=nnx.Rngs(0), dtype=jnp.float32))
     assert isinstance(TINY, family.FamilyConfig) and isinstance(model, family.FamilyModel)
-    params = param_dict(model)
+    params = {k: v for k, v in param_dict(model).items()}
     assert TINY.param_count() == sum(a.size for a in params.values())
     # N_matmul from the built model: every projection kernel (the head included), no lookup table.
     kernels = sum(a.size for name, a in params.items() if name.endswith("/kernel"))
     attention = TINY.layer_kinds().count("attention")
     assert TINY.layer_kinds() == ["attention", "ema", "attention"]
     assert TINY.flops_per_token(SEQ) == 6 * kernels + attention * 12 * TINY.dim * (SEQ + 1) / 2
-    assert jax.tree.leaves(nnx.state(model, family.Buffer)) == [0]   # tokens_seen, not a parameter
+    buffers = nnx.to_pure_dict(nnx.state(model, family.Buffer))   # tokens_seen: kept, not trained
+    assert list(buffers) == ["tokens_seen"] and buffers["tokens_seen"].dtype == jnp.int32
     from jaxlm.errors import ConfigError
     with pytest.raises(ConfigError, match="recurrent_layer = 3"):
         tg.TinyGPTConfig(n_layers=3, recurrent_layer=3).validate()
@@ -94,9 +94,9 @@ def test_hidden_returns_the_aux_loss_and_the_loss_adds_it():
     from jaxlm.loss import lm_loss
     model = random_model()
     tokens = jax.random.randint(jax.random.key(3), (2, 17), 0, TINY.vocab_size)
-    x_BTD, aux = model.hidden(tokens[:, :-1])
+    x_BTD, aux = nnx.jit(lambda m, ids: m.hidden(ids))(model, tokens[:, :-1])
     assert x_BTD.shape == (2, 16, TINY.dim) and set(aux.losses) == {"aux_l2"} and "ema_decay" in aux.metrics
-    loss, metrics = lm_loss(model, tokens)
+    loss, metrics = nnx.jit(lm_loss)(model, tokens)
     assert float(metrics["aux_l2"]) > 0
     np.testing.assert_allclose(float(loss), float(metrics["ce"]) + float(metrics["aux_l2"]), rtol=1e-6)
     assert int(model.tokens_seen[...]) == 2 * 2 * 16   # the forward pass counted both calls' tokens
@@ -144,8 +144,9 @@ def test_generate_tokens_with_the_per_layer_cache_equals_greedy_on_the_full_forw
     new = G.generate_tokens(model, prompts, max_new_tokens=12, sampling=SamplingConfig(greedy=True), chunk_size=5)
     for prompt, tokens in zip(prompts, new):
         ids = list(prompt)
-        for _ in range(12):
-            ids.append(int(np.argmax(np.asarray(forward(model, jnp.asarray([ids])))[0, -1])))
+        for _ in range(12):   # right-padded to one shape (one compile): causal, so the padding is unseen
+            row = jnp.asarray([ids + [0] * (24 - len(ids))])
+            ids.append(int(np.argmax(np.asarray(forward(model, row))[0, len(ids) - 1])))
         assert tokens == ids[len(prompt):]
     assert len(set(new[0])) > 2   # not a degenerate repetition that any cache would reproduce
 
@@ -384,8 +385,9 @@ def test_a_pt_in_its_own_naming_round_trips_through_the_converter(pt_file, tmp_p
     np.testing.assert_array_equal(conv.params["head/kernel"], sd["lm_head.weight"].T)
     np.testing.assert_array_equal(conv.params["blocks/1/mixer/decay"], sd["h.1.ema.decay"])
     # The converted parameters in the model compute what the architecture says (float64 reference).
-    model = tg.TinyGPT(TINY, rngs=nnx.Rngs(0))
-    nnx.update(model, nnx.State.from_flat_path({tuple(p.split("/")): jnp.asarray(a) for p, a in conv.params.items()}))
+    model = random_model()
+    as_key = lambda path: tuple(int(k) if k.isdigit() else k for k in path.split("/"))
+    nnx.update(model, nnx.State.from_flat_path({as_key(p): jnp.asarray(a) for p, a in conv.params.items()}))
     ids = np.random.default_rng(5).integers(0, TINY.vocab_size, 20)
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids[None])))[0], reference_logits(sd, TINY, ids),
                                atol=2e-5, rtol=0)
