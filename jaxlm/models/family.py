@@ -8,7 +8,8 @@ loss and the converter know a family only through the two protocols below and th
 
 **Config** (a hashable dataclass: the model keeps it as static data that ``jit`` hashes):
 
-- ``family``: the registered name, a class attribute.
+- ``family``: the registered name, a class attribute. ``vocab_size`` and ``max_seq_len`` (a field
+  or a property): the tokenizer and prompt checks read them.
 - ``SHAPE_FIELDS``: the fields that fix parameter shapes. A checkpoint whose shape fields differ
   from the run's config is refused; the others (conventions, losses) may change.
 - ``validate()``: raise :class:`jaxlm.errors.ConfigError` naming the field on a bad value.
@@ -108,6 +109,7 @@ class FamilyConfig(Protocol):
     family: ClassVar[str]
     SHAPE_FIELDS: ClassVar[tuple[str, ...]]
     vocab_size: int
+    max_seq_len: int
 
     def validate(self) -> None: ...
     def param_count(self) -> int: ...
