@@ -36,7 +36,9 @@ def _param_shapes(model_fn):
     return {path_name(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(abstract, nnx.Param))}
 
 
-def _load(model, flat):
+def _load(cfg, flat, dtype=jnp.float32):
+    """The model with the given parameters (built abstractly: no random init to pay for)."""
+    model = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0), dtype=dtype))
     state = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree_util.tree_map_with_path(lambda p, _: jnp.asarray(flat[path_name(p)]), state))
     return model
@@ -48,7 +50,7 @@ def golden():
     ck = torch_pt.load(path / "ckpt.pt")
     shapes = {k: tuple(v.shape) for k, v in ck["model"].items()}
     cfg, _ = fh.config_from_fields(ck["model_args"], shapes, "ckpt.pt")
-    model = _load(HybridLM(cfg, rngs=nnx.Rngs(0)), fh.params_from_state_dict(ck["model"], cfg))
+    model = _load(cfg, fh.params_from_state_dict(ck["model"], cfg))
     return path, ck, cfg, model
 
 
@@ -138,7 +140,7 @@ def test_fixture_logits_and_loss(golden, forward):
 def test_fixture_logits_in_bfloat16_compute(golden):
     """Mixed precision (bf16 matmuls, float32 params, norms, GDN state and softmax) stays near the golden logits."""
     path, ck, cfg, _ = golden
-    model = _load(HybridLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16), fh.params_from_state_dict(ck["model"], cfg))
+    model = _load(cfg, fh.params_from_state_dict(ck["model"], cfg), jnp.bfloat16)
     graphdef, state = nnx.split(model)
     logits = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids))(state, jnp.asarray(np.load(path / "input_ids.npy")))
     want = np.load(path / "logits.npy")
@@ -189,12 +191,12 @@ def test_chunked_equals_recurrent_equals_float64_reference(T):
 
 def test_chunked_carries_a_given_state_and_chunk_size_does_not_matter():
     rng = np.random.default_rng(7)
-    args = [jnp.asarray(a, jnp.float32) for a in _gdn_inputs(rng, 1, 130, 2, 8, 8, slow=False)]
+    args = [jnp.asarray(a, jnp.float32) for a in _gdn_inputs(rng, 1, 120, 2, 8, 8, slow=False)]
     run = jax.jit(gdn.chunked_delta_rule, static_argnames="chunk")
     whole, _ = run(*args, chunk=64)
     small, _ = run(*args, chunk=16)
-    first, state = run(*(a[:, :70] for a in args), chunk=64)
-    second, _ = run(*(a[:, 70:] for a in args), chunk=64, state_BHKV=state)
+    first, state = run(*(a[:, :60] for a in args), chunk=64)     # halves that end mid-chunk
+    second, _ = run(*(a[:, 60:] for a in args), chunk=64, state_BHKV=state)
     assert np.abs(np.asarray(whole) - np.asarray(small)).max() <= 1e-5
     assert np.abs(np.asarray(whole) - np.concatenate([first, second], axis=1)).max() <= 1e-5
 
@@ -311,6 +313,44 @@ def test_cached_generation_equals_uncached_with_left_padding(golden, forward):
         want = full[b, first:first + steps + 1]
         assert np.all(np.isfinite(cached[b]))
         assert np.abs(cached[b] - want).max() <= 1e-5, b
+
+
+def test_cached_generation_with_three_query_heads_per_kv_head_and_repeated_gdn_heads():
+    """Other group sizes than the fixture's: GQA R = 3 (the real model's) and Hv = 2 Hk (q/k heads repeated)."""
+    cfg = _tiny(dim=36, n_heads=6, n_kv_heads=2, head_dim=8, n_layers=3, layer_types=("linear", "csa", "full"),
+                linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=16,
+                linear_value_head_dim=12, max_seq_len=96)
+    model = HybridLM(cfg, rngs=nnx.Rngs(4))
+    # Perturb the zero-initialised scales so that every norm and residual convention matters.
+    rng = np.random.default_rng(0)
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: x + 0.2 * rng.standard_normal(x.shape).astype(np.float32)
+                                   if x.ndim == 1 else x, state))
+    rows = [rng.integers(0, cfg.vocab_size, 75), rng.integers(0, cfg.vocab_size, 69)]
+    steps = 6
+    cached, starts, prompt_len = _cached_logits(model, rows, steps)
+    graphdef, params = nnx.split(model)
+    full = np.asarray(jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids))(
+        params, jnp.asarray(np.stack([np.pad(r, (0, 75 - len(r))) for r in rows]))))
+    for b in range(2):
+        first = prompt_len - 1 - starts[b]
+        assert np.abs(cached[b] - full[b, first:first + steps + 1]).max() <= 1e-5, b
+
+
+def test_real_config_traces_for_training_and_decoding():
+    """The 95M shapes through the generic loss (fused head, scanned and rematerialised layers) and the cache."""
+    cfg = HybridConfig()
+    model = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda p, ids: lm_loss(nnx.merge(graphdef, p, rest), ids, fused=True, scan_layers=True, remat="full")[0]
+    value, grads = jax.eval_shape(jax.value_and_grad(loss), params, jax.ShapeDtypeStruct((2, 1025), jnp.int32))
+    assert value.shape == ()
+    assert [g.shape for g in jax.tree.leaves(grads)] == [p.shape for p in jax.tree.leaves(params)]
+    cache = jax.eval_shape(lambda p, r: nnx.merge(graphdef, p, r).init_cache(2, 1100), params, rest)
+    step = lambda p, r, c: nnx.merge(graphdef, p, r).decode_step(jnp.zeros(2, jnp.int32), c)
+    logits, cache = jax.eval_shape(step, params, rest, cache)
+    assert logits.shape == (2, cfg.vocab_size) and logits.dtype == jnp.float32
+    assert cache.layers[0].state.shape == (2, 9, 112, 112) and cache.layers[0].state.dtype == jnp.float32
 
 
 # ----------------------------------------------------------------------------- gradients
