@@ -12,6 +12,7 @@ are the upstream's, so the tables below are the whole mapping.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -212,6 +213,38 @@ def _layer_types_from_keys(shapes: dict[str, tuple]) -> tuple[str, ...]:
     return tuple(kinds[i] for i in sorted(kinds))
 
 
+def _dims_from_shapes(stripped: dict[str, tuple], fields: dict) -> dict:
+    """The sizes the tensors fix (the GDN key heads taken equal to the value heads unless given)."""
+    dims = {}
+    find = lambda pattern: next((shape for name, shape in stripped.items() if re.fullmatch(pattern, name)), None)
+    embed = stripped.get("tok_embeddings.weight")
+    if embed is not None:
+        dims["vocab_size"], dims["dim"] = int(embed[0]), int(embed[1])
+    kinds = _layer_types_from_keys(stripped)
+    if kinds:
+        dims["layer_types"], dims["n_layers"] = kinds, len(kinds)
+    q_norm, wq, wk = (find(rf"layers\.\d+\.attention\.{n}\.weight") for n in ("q_norm", "wq", "wk"))
+    if q_norm and wq and wk:
+        d = int(q_norm[0])
+        dims["n_heads"], dims["n_kv_heads"] = int(wq[0]) // (2 * d), int(wk[0]) // d
+        dim = fields.get("dim", dims.get("dim"))
+        dims["head_dim"] = None if dim is not None and dim // dims["n_heads"] == d else d
+    w1 = find(r"layers\.\d+\.feed_forward\.w1\.weight")
+    if w1 and "dim" in dims:
+        dims["hidden_dim"] = None if HybridConfig(dim=dims["dim"], hidden_dim=None).ffn_dim == w1[0] else int(w1[0])
+    a_log, norm, qkv, conv = (find(rf"layers\.\d+\.attention\.{n}") for n in
+                              ("A_log", "norm\\.weight", "in_proj_qkv\\.weight", "conv1d\\.weight"))
+    if a_log and norm and qkv and conv:
+        hv, dv = int(a_log[0]), int(norm[0])
+        hk = int(fields.get("linear_num_key_heads", hv))
+        dims.update(linear_num_value_heads=hv, linear_value_head_dim=dv, linear_num_key_heads=hk,
+                    linear_key_head_dim=(int(qkv[0]) - hv * dv) // (2 * hk), linear_conv_kernel_dim=int(conv[-1]))
+    mask = find(r"layers\.\d+\.attention\.local_mask")
+    if mask:
+        dims["max_seq_len"] = int(mask[-1])
+    return dims
+
+
 def config_from_fields(fields: dict, shapes: dict[str, tuple], source: str = "checkpoint", overrides=()):
     """``(HybridConfig, ConfigReport)`` from a checkpoint's ``model_args`` and its tensor shapes.
 
@@ -231,15 +264,9 @@ def config_from_fields(fields: dict, shapes: dict[str, tuple], source: str = "ch
     ours = {f.name for f in dataclasses.fields(HybridConfig)}
     values = {k: v for k, v in fields.items() if k in ours}
     report.ignored = {k: v for k, v in fields.items() if k not in ours}
-    embed = stripped.get("tok_embeddings.weight")
-    if embed is not None:
-        for name, size in (("vocab_size", embed[0]), ("dim", embed[1])):
-            if name not in values:
-                values[name] = report.inferred[name] = int(size)
-    if "layer_types" not in values and stripped:
-        values["layer_types"] = report.inferred["layer_types"] = _layer_types_from_keys(stripped)
-    if "n_layers" not in values and "layer_types" in values:
-        values["n_layers"] = report.inferred["n_layers"] = len(values["layer_types"])
+    for name, size in _dims_from_shapes(stripped, values).items():
+        if name not in values:
+            values[name] = report.inferred[name] = size
     cfg = build_config(HybridConfig, values, source, overrides, report)
     if stripped:
         check_keys(stripped, cfg, source)
