@@ -25,6 +25,7 @@ Its PyTorch naming (what the converter reads and writes)::
     h.{i}.ema.in_proj.weight [D, D]   h.{i}.ema.decay [D]   h.{i}.ema.out_proj.weight [D, D]  the EMA block
     h.{i}.ln_2.weight [D]   h.{i}.mlp.fc.weight [F, D]   h.{i}.mlp.proj.weight [D, F]
     ln_f.weight [D]     lm_head.weight [V, D] (untied)
+    tokens_seen []      the Buffer (a registered buffer in PyTorch: first in the state_dict)
 
 Import it with this folder on ``sys.path`` (``import tinygpt_family``): importing registers it.
 """
@@ -309,7 +310,7 @@ class TinyGPT(nnx.Module):
 
 FAMILY = "tinygpt"
 DISPLAY = "TinyGPT"
-KEY_PATTERNS = [r"wte\.weight", r"wpe\.weight", r"ln_f\.weight", r"lm_head\.weight",
+KEY_PATTERNS = [r"tokens_seen", r"wte\.weight", r"wpe\.weight", r"ln_f\.weight", r"lm_head\.weight",
                 r"h\.\d+\.(?:ln_1|ln_2)\.weight", r"h\.\d+\.attn\.(?:qkv|proj)\.weight",
                 r"h\.\d+\.ema\.(?:in_proj\.weight|decay|out_proj\.weight)", r"h\.\d+\.mlp\.(?:fc|proj)\.weight"]
 _LAYER = re.compile(r"^h\.(\d+)\.")
@@ -325,7 +326,9 @@ def claim(shapes: dict[str, tuple], fields: dict) -> tuple[float, str]:
 
 def entries(cfg: TinyGPTConfig) -> list[keymap.KeyEntry]:
     """The state_dict, in the order a PyTorch TinyGPT registers its modules."""
-    out = [keymap.param("wte.weight", "embed/embedding", role="embed"),
+    # A module's own buffers come before its children's tensors in a PyTorch state_dict.
+    out = [keymap.param("tokens_seen", "tokens_seen", role="buffer", transpose=False),
+           keymap.param("wte.weight", "embed/embedding", role="embed"),
            keymap.param("wpe.weight", "pos_embed/embedding", role="positions")]
     for i, kind in enumerate(cfg.layer_kinds()):
         h, b = f"h.{i}", f"blocks/{i}"
