@@ -1,5 +1,6 @@
 """The Llama Think config files: counts, the recipe as the upstream code runs it, the Muon/AdamW split."""
 
+import dataclasses
 import importlib
 
 import jax
@@ -54,3 +55,15 @@ def test_the_family_record_builds_the_model_through_the_registry():
     model = nnx.eval_shape(lambda: models.build_model(cfg, rngs=nnx.Rngs(0), dtype=jax.numpy.float32))
     assert isinstance(model, family.FamilyModel) and model.cfg is cfg
     assert FAMILY.naming == "jaxlm.formats.hybrid" and importlib.import_module(FAMILY.naming).FAMILY == "hybrid"
+
+
+def test_without_hyper_connections_the_blocks_are_plain_residuals():
+    """What a model.bin can express (CSA read as full attention, no scales): the config says so and counts so."""
+    base = _config("llama_think_tiny").model
+    plain = dataclasses.replace(base, hyper_connections=False, layer_types=("linear", "linear", "full", "full") * 2)
+    hc = 4 * base.dim * base.n_layers                                   # the residual/sublayer scales
+    kv = base.n_kv_heads * base.head_size
+    csa = 2 * (2 * kv * kv + base.dim * base.n_heads * base.head_size)  # compressors + blend gate, 2 layers
+    assert plain.param_count() == base.param_count() - hc - csa
+    shapes = nnx.eval_shape(lambda: HybridLM(plain, rngs=nnx.Rngs(0)))
+    assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(shapes, nnx.Param))) == plain.param_count()

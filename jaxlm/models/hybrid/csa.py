@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.models import kv_cache, layers
-from jaxlm.models.hybrid.attention import GatedAttention, PrefillContext, grouped_masked_attention, store_token
+from jaxlm.models.hybrid.attention import GatedAttention, PrefillContext, grouped_masked_attention
 
 
 class CSALayer(NamedTuple):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-
 import jax.numpy as jnp
 from flax import nnx
 
@@ -145,6 +144,3 @@ class HybridLM(nnx.Module):
             layer_caches.append(layer_cache)
         logits_BV = self.logits(self.norm(h))[:, 0]
         return logits_BV, family.Cache(tuple(layer_caches), time + 1, cache.starts_B)
-
-
-
