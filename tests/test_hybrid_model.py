@@ -297,14 +297,15 @@ def _cached_logits(model, rows, steps):
     return np.stack(out, axis=1), starts, prompt_len
 
 
-def test_cached_generation_equals_uncached_with_left_padding(golden, forward):
+@pytest.mark.parametrize("lengths, steps", [((150, 137), 9), ((12, 9), 6)])
+def test_cached_generation_equals_uncached_with_left_padding(golden, forward, lengths, steps):
+    """Long rows (150 and 137 real tokens, the shorter left-padded by 13): the prefill crosses GDN chunk
+    edges (64, 128) and fills the local-window ring past its 64 slots; decoding then crosses CSA
+    block edges and runs the recurrent GDN on from the chunked state. Short rows: prompts of 6 and
+    3 tokens, so CSA's half-filled blocks pass from the prefill to the decode steps."""
     _, _, cfg, model = golden
     rng = np.random.default_rng(11)
-    # Rows of 150 and 137 real tokens, the shorter left-padded by 13: the prefill crosses GDN chunk
-    # edges (64, 128) and fills the local-window ring past its 64 slots; decoding then crosses CSA
-    # block edges and runs the recurrent GDN on from the chunked state.
-    rows = [rng.integers(0, cfg.vocab_size, 150), rng.integers(0, cfg.vocab_size, 137)]
-    steps = 9
+    rows = [rng.integers(0, cfg.vocab_size, n) for n in lengths]
     cached, starts, prompt_len = _cached_logits(model, rows, steps)
     # Uncached: each row alone and unpadded (right-padded to the shared shape; causal, so harmless).
     full = forward(np.stack([np.pad(r, (0, 203 - len(r))) for r in rows]))
