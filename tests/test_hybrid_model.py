@@ -277,7 +277,7 @@ def test_csa_equals_dense_reference_and_empty_rows_are_zero(golden):
 # ----------------------------------------------------------------------------- caches
 
 
-def _cached_logits(model, rows, steps):
+def _cached_logits(model, rows, steps, cache_dtype=jnp.float32):
     """Prefill left-padded prompts, then feed the last ``steps`` tokens one by one: ``[B, steps + 1, V]``."""
     B, length = len(rows), max(len(r) for r in rows)
     starts = np.array([length - len(r) for r in rows], np.int32)
@@ -288,7 +288,7 @@ def _cached_logits(model, rows, steps):
     graphdef, state = nnx.split(model)
     prefill = jax.jit(lambda s, ids, cache, starts: nnx.merge(graphdef, s).prefill(ids, cache, starts))
     step = jax.jit(lambda s, tok, cache: nnx.merge(graphdef, s).decode_step(tok, cache))
-    cache = model.init_cache(B, length + 1, jnp.float32)
+    cache = model.init_cache(B, length + 1, cache_dtype)
     logits, cache = prefill(state, jnp.asarray(ids[:, :prompt_len]), cache, jnp.asarray(starts))
     out = [np.asarray(logits)]
     for t in range(prompt_len, length):
@@ -314,6 +314,16 @@ def test_cached_generation_equals_uncached_with_left_padding(golden, forward, le
         want = full[b, first:first + steps + 1]
         assert np.all(np.isfinite(cached[b]))
         assert np.abs(cached[b] - want).max() <= 1e-5, b
+
+
+def test_cached_generation_in_bfloat16_stays_near_the_golden_logits(golden):
+    """A bf16 model with a bf16 cache (GDN state and CSA sums float32) through prefill and decode steps."""
+    path, ck, cfg, _ = golden
+    model = _load(cfg, fh.params_from_state_dict(ck["model"], cfg), jnp.bfloat16)
+    ids = np.load(path / "input_ids.npy")[:, :100]
+    cached, _, _ = _cached_logits(model, list(ids), 10, cache_dtype=jnp.bfloat16)
+    want = np.load(path / "logits.npy")[:, 89:100]
+    assert np.all(np.isfinite(cached)) and np.abs(cached - want).max() < 1e-2 * np.abs(want).max()
 
 
 def test_cached_generation_with_three_query_heads_per_kv_head_and_repeated_gdn_heads():

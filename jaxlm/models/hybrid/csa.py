@@ -46,6 +46,8 @@ def empty_safe_attention(q_BTHK, k_BCGK, v_BCGK, visible_BTC):
     B, T, H, K = q_BTHK.shape
     G = k_BCGK.shape[2]
     q = q_BTHK.reshape(B, T, G, H // G, K)
+    if T == 1:   # one decode query: XLA:CPU has no bf16 x bf16 -> f32 kernel for these products; they are tiny
+        q, k_BCGK, v_BCGK = q.astype(jnp.float32), k_BCGK.astype(jnp.float32), v_BCGK.astype(jnp.float32)
     scores = jnp.einsum("btgrk,bcgk->bgrtc", q, k_BCGK, preferred_element_type=jnp.float32) / math.sqrt(K)
     mask = visible_BTC[:, None, None]
     # Masked scores are replaced before the exp, so no inf appears (its gradient would be NaN).
