@@ -86,15 +86,18 @@ def nest(flat: dict[str, Any]) -> dict:
 
 
 def param_shapes(model_cfg) -> dict[str, tuple]:
-    """Every parameter path of the model ``model_cfg`` describes, with its (Flax) shape; nothing allocated."""
+    """Every weight path (parameters and Buffer variables) of the model ``model_cfg`` describes, with
+    its (Flax) shape; nothing allocated."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from jaxlm.models import build_model
+    from jaxlm.models.family import Buffer
     # jax.eval_shape, not nnx.eval_shape: the latter shards by the logical axis names when a mesh is
     # set (as it is when --init_from runs), and those names are not mesh axes.
-    abstract = jax.eval_shape(lambda: nnx.state(build_model(model_cfg, rngs=nnx.Rngs(0), dtype=jnp.float32), nnx.Param))
+    abstract = jax.eval_shape(lambda: nnx.state(build_model(model_cfg, rngs=nnx.Rngs(0), dtype=jnp.float32),
+                                                  (nnx.Param, Buffer)))
     return {path: tuple(leaf.shape) for path, leaf in flatten(nnx.to_pure_dict(abstract)).items()}
 
 

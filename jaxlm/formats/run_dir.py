@@ -96,7 +96,9 @@ def load(path, *, with_optimizer: bool = True) -> Converted:
         raise CheckpointError(f"{step_dir}: no config next to the checkpoint")
     family, model_cfg = _model_config(run_config)
     state = restored["state"]
-    params = {path.removesuffix("/value"): np.asarray(a) for path, a in flatten(state["params"]).items()}
+    # The model's weights: its parameters and, where the family has any, its Buffer variables.
+    weights = {**flatten(state["params"]), **flatten(state.get("buffers") or {})}
+    params = {path.removesuffix("/value"): np.asarray(a) for path, a in weights.items()}
     slots, count = slots_from_optax(state["opt_state"]) if with_optimizer else ({}, None)
     layout_file = out_dir / TORCH_LAYOUT_FILE
     layout = json.loads(layout_file.read_text()) if layout_file.is_file() else None

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jaxlm.errors import CheckpointError
-from jaxlm.formats import read_checkpoint
+from jaxlm.formats.checkpoints import read_checkpoint
 from jaxlm.formats.optimizer_state import fill_optax
 from jaxlm.formats import safetensors_file
 from jaxlm.formats.run_dir import TORCH_EXTRAS_FILE, TORCH_LAYOUT_FILE
@@ -66,6 +66,9 @@ def init_train_state(source, cfg, state, *, key_map=None, out_dir=None, log=prin
             raise CheckpointError(f"{source}: parameter {name}: {e}") from None
 
     params = jax.tree_util.tree_map_with_path(param, state["params"])
+    filled = {"params": params}
+    if "buffers" in state:  # a family's Buffer variables are weights of the checkpoint too
+        filled["buffers"] = jax.tree_util.tree_map_with_path(param, state["buffers"])
     opt_state, step = state["opt_state"], 0
     if conv.has_optimizer:
         step = int(conv.step or 0)
@@ -84,4 +87,4 @@ def init_train_state(source, cfg, state, *, key_map=None, out_dir=None, log=prin
         (out / TORCH_LAYOUT_FILE).write_text(json.dumps(conv.layout))
         if conv.extras:
             safetensors_file.save(conv.extras, out / TORCH_EXTRAS_FILE)
-    return {**state, "params": params, "opt_state": opt_state, "step": _place(np.int32(step), state["step"])}
+    return {**state, **filled, "opt_state": opt_state, "step": _place(np.int32(step), state["step"])}
