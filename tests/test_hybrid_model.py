@@ -44,6 +44,21 @@ def _load(cfg, flat, dtype=jnp.float32):
     return model
 
 
+def _random_model(cfg, seed, dtype=jnp.float32):
+    """A model with NumPy-drawn weights: matrices N(0, 0.02^2), the conv U(-0.5, 0.5), and every 1-D
+    tensor (norms, scales, decay parameters) N(0, 0.2^2) so that no convention hides behind a zero."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        if "conv1d" in path_name(path):
+            return rng.uniform(-0.5, 0.5, leaf.shape).astype(np.float32)
+        return (rng.standard_normal(leaf.shape) * (0.2 if len(leaf.shape) == 1 else 0.02)).astype(np.float32)
+
+    model = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    flat = {path_name(p): draw(p, leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))}
+    return _load(cfg, flat, dtype)
+
+
 @pytest.fixture(scope="module")
 def golden():
     path = fixture_dir("llama_think")
@@ -331,12 +346,8 @@ def test_cached_generation_with_three_query_heads_per_kv_head_and_repeated_gdn_h
     cfg = _tiny(dim=36, n_heads=6, n_kv_heads=2, head_dim=8, n_layers=3, layer_types=("linear", "csa", "full"),
                 linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=16,
                 linear_value_head_dim=12, max_seq_len=96)
-    model = HybridLM(cfg, rngs=nnx.Rngs(4))
-    # Perturb the zero-initialised scales so that every norm and residual convention matters.
+    model = _random_model(cfg, 4)
     rng = np.random.default_rng(0)
-    state = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.tree.map(lambda x: x + 0.2 * rng.standard_normal(x.shape).astype(np.float32)
-                                   if x.ndim == 1 else x, state))
     rows = [rng.integers(0, cfg.vocab_size, 75), rng.integers(0, cfg.vocab_size, 69)]
     steps = 6
     cached, starts, prompt_len = _cached_logits(model, rows, steps)
@@ -370,7 +381,7 @@ def test_real_config_traces_for_training_and_decoding():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gradients_are_finite_under_jit(dtype):
     cfg = _tiny(n_layers=3, layer_types=("linear", "csa", "full"), max_seq_len=72)
-    model = HybridLM(cfg, rngs=nnx.Rngs(1), dtype=dtype)
+    model = _random_model(cfg, 1, dtype)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ids = jax.random.randint(jax.random.key(0), (2, 71), 0, cfg.vocab_size)
 
