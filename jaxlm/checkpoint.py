@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxlm import config as C
-from jaxlm.errors import CheckpointError
+from jaxlm.errors import CheckpointError, JaxlmError
 
 # Fields that may change between the runs of one directory without changing what is
 # trained: how often to log/save/sample, whether to resume, the device layout, and the
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         dst = export_inference(args.run_dir, args.dst, dtype="bfloat16" if args.bf16 else "float32", step=args.step)
-    except CheckpointError as error:
+    except JaxlmError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"exported to {dst}")

@@ -41,8 +41,11 @@ def split_model(model):
 
 
 def merge_model(graphdef, params, buffers=None):
-    """The model back from ``split_model``'s parts (``buffers`` None: it has none)."""
-    return nnx.merge(graphdef, params, *([] if buffers is None else [buffers]))
+    """The model back from ``split_model``'s parts (``buffers`` None: it has none).
+
+    The buffers are copied: a forward pass that updates them (inside a trace such as
+    ``value_and_grad``) must not write into arrays that came from outside that trace."""
+    return nnx.merge(graphdef, params, *([] if buffers is None else [buffers]), copy=buffers is not None)
 
 
 def init_state(cfg: C.Config, tx, rng) -> dict:

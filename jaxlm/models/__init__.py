@@ -2,12 +2,18 @@
 
 Generic code looks families up here by name and calls them only through the contract in
 ``family.py``. A built-in family is one package under ``jaxlm/models/`` and one line in
-``_BUILT_IN``; any other (a user's, a test's) calls :func:`register` with its ``Family``.
+``_BUILT_IN``; any other (a user's, a test's) calls :func:`register` with its ``Family``. So that a
+fresh process (``python -m jaxlm.checkpoint``, the converter) finds such a family too, a package
+may declare an entry point in the group ``jaxlm.families`` (``name = "module:FAMILY"``), or the
+environment may name modules to import in ``JAXLM_FAMILIES`` (comma-separated), which register
+their families when imported.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import os
 
 from jaxlm.errors import ConfigError
 from jaxlm.models.family import Family
@@ -31,13 +37,28 @@ def register(family: Family) -> Family:
 def get(name: str) -> Family:
     if name not in FAMILIES and name in _BUILT_IN:
         register(importlib.import_module(_BUILT_IN[name]).FAMILY)
+    if name not in FAMILIES:
+        _load_plugins()
     try:
         return FAMILIES[name]
     except KeyError:
         raise ConfigError(f"unknown model family {name!r}; known: {', '.join(names())}") from None
 
 
+def _load_plugins() -> None:
+    """Families from outside jaxlm: ``JAXLM_FAMILIES`` modules and ``jaxlm.families`` entry points."""
+    for module in filter(None, (m.strip() for m in os.environ.get("JAXLM_FAMILIES", "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ConfigError(f"JAXLM_FAMILIES names {module!r}, which cannot be imported ({error})") from None
+    for entry in importlib.metadata.entry_points(group="jaxlm.families"):
+        if entry.name not in FAMILIES:
+            register(entry.load())
+
+
 def names() -> list[str]:
+    _load_plugins()
     return sorted(set(_BUILT_IN) | set(FAMILIES))
 
 
