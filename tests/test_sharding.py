@@ -116,3 +116,23 @@ def test_fsdp_gives_cudnn_attention_query_key_value_of_one_layout(monkeypatch, b
     assert seen, "the partitioner was never asked"
     for q, k, v in seen:
         assert q == k == v and q[0] is not None, (q, k, v)
+
+
+def test_an_unknown_logical_axis_is_an_error_that_names_it():
+    mesh = sharding.make_mesh(C.MeshConfig(data=1), devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="'hidden_units'"):
+        sharding.logical_to_spec(("embed", "hidden_units"), (8, 8), mesh)
+    from jaxlm.models import layers
+    with layers.ACTIVATION_RULES.scope(sharding.ACTIVATION_RULES), pytest.raises(ValueError, match="'act_typo'"):
+        layers.constrain(np.zeros((2, 3)), "batch", "act_typo")
+
+
+def test_experts_split_over_the_experts_axis_and_the_batch_with_them():
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    mesh = sharding.make_mesh(C.MeshConfig(data=2, experts=4), devices=devices[:8])
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "experts": 4, "tensor": 1}
+    assert sharding.logical_to_spec(("experts", "embed", "mlp"), (8, 16, 32), mesh) == jax.sharding.PartitionSpec(
+        "experts", "fsdp", "tensor")
+    assert sharding.batch_sharding(mesh).spec == jax.sharding.PartitionSpec(("data", "fsdp", "experts"))
