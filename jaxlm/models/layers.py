@@ -50,16 +50,18 @@ def dense(in_features: int, out_features: int, axes: tuple[str, str], *, dtype, 
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm computed in float32; the scale is the weight ``w`` itself (initialised to ones)."""
+    """RMSNorm computed in float32. The scale is the weight ``w`` itself (initialised to ones), or
+    with ``offset=1.0`` the Gemma form ``1 + w`` (``w`` initialised to zeros), as checkpoints store it."""
 
-    def __init__(self, dim: int, eps: float):
-        self.eps = eps
-        self.w = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("norm",))
+    def __init__(self, dim: int, eps: float, *, offset: float = 0.0):
+        self.eps, self.offset = eps, offset
+        self.w = nnx.Param(jnp.full((dim,), 1.0 - offset, jnp.float32), out_sharding=("norm",))
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.w[...]).astype(x.dtype)
+        scale = self.w[...] + self.offset if self.offset else self.w[...]
+        return (x32 * scale).astype(x.dtype)
 
 
 class SwiGLU(nnx.Module):
