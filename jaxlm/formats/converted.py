@@ -32,7 +32,9 @@ from jaxlm.formats import optimizer_state as opt_io
 from jaxlm.formats import keymap, safetensors_file, skeleton, torch_pt
 
 MODEL_KEYS = ("model", "model_state_dict", "state_dict", "model_state", "module", "net", "weights", "params")
-CFG_KEYS = ("cfg", "config", "model_args", "model_config", "model_cfg", "args", "hparams", "hyper_parameters",
+# model_args before config: nanoGPT-style files (llama2.c's among them) keep the model's fields in
+# model_args and the whole training script's globals, which lack some of them, in config.
+CFG_KEYS = ("cfg", "model_args", "config", "model_config", "model_cfg", "args", "hparams", "hyper_parameters",
             "hyperparameters", "params_config")
 STEP_KEYS = ("step", "global_step", "iter_num", "iteration", "steps", "train_step", "num_steps")
 DEFAULT_OPTIMIZER_KEY = "optimizer"
@@ -664,7 +666,30 @@ def read_file(path, *, key_map=None, overrides=(), weights_only: bool = False, f
         return conv
     if safetensors_file.is_safetensors(path):
         return _from_safetensors(path, key_map, overrides, family)
-    raise CheckpointError(f"{path}: neither a torch .pt (zip) nor a .safetensors file")
+    return _from_native(path, key_map, overrides, family)
+
+
+def native_formats(family: str | None = None) -> list[tuple[str, str, Any]]:
+    """``(family, suffix, format module)`` of every family's ``NATIVE_FORMATS`` (keymap's protocol)."""
+    modules = [keymap.naming_module(family)] if family else keymap.naming_modules()
+    return [(names.FAMILY, suffix, fmt) for names in modules
+            for suffix, fmt in getattr(names, "NATIVE_FORMATS", {}).items()]
+
+
+def _from_native(path: pathlib.Path, key_map, overrides, family) -> Converted:
+    """A family's own file format (a llama2.c model.bin...): the format that recognises the file, else
+    the one its suffix names (which then says what is wrong with it)."""
+    formats = native_formats(family)
+    found = [f for f in formats if f[2].matches(path)] or [f for f in formats if f[1] == path.suffix]
+    if len(found) != 1:
+        known = ", ".join(f"{suffix} ({name})" for name, suffix, _ in formats)
+        what = "several families' formats" if found else "neither a torch .pt (zip) nor a .safetensors file"
+        raise CheckpointError(f"{path}: {what}" + (f", nor a family's own format ({known})" if known and not found
+                                                   else "; name the family with --family"))
+    name, _, fmt = found[0]
+    conv = from_torch_object(fmt.read_object(path), str(path), key_map=key_map, overrides=overrides, family=name)
+    conv.notes.append(fmt.NOTE)
+    return conv
 
 
 def _from_safetensors(path: pathlib.Path, key_map, overrides, family=None) -> Converted:

@@ -44,6 +44,15 @@ Optional, for a family whose files come in many namings (ToyLM):
   fields the foreign cfg does not carry, written beside it (default: none).
 - ``NAMINGS`` (names) and ``entries(cfg, naming)``: other key namings ``to-torch --naming`` writes.
 - ``DISPLAY``: the family's name in messages (default ``FAMILY``).
+- ``NATIVE_FORMATS``: ``{suffix: module}`` for files of the family's own that are neither a ``.pt``
+  nor a ``.safetensors`` (Llama Think: ``{".bin": llama2c_bin}``, the C runner's model.bin). Each
+  module offers ``matches(path) -> bool`` (by content), ``read_object(path) -> {"model": state_dict,
+  "model_args" or "cfg": fields}`` (read like a ``.pt`` of that form), ``write_object(top, path)``
+  (``top``: what ``converted.to_torch_object`` makes) and ``NOTE``, a line said whenever the format
+  is read or written (e.g. that it is lossy). ``converted.read_file`` asks every family's formats
+  about a file it does not otherwise know (one that matches, else the one its suffix names, whose
+  reader then says what is wrong with the file); ``tools.torch_port to-bin`` writes with the
+  source family's format for the destination's suffix.
 
 The user key map (``--key-map FILE``): JSON ``{their_name_or_regex: our_path | [paths] (fused) |
 null (keep aside) | "tied"}``; regex groups fill ``{1}`` or ``\\1`` in the path. It is consulted

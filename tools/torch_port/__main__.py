@@ -3,6 +3,8 @@
     to-orbax SRC DST     a .pt / .safetensors / Hugging Face directory (any family, any naming) -> an Orbax export
     to-torch SRC DST.pt  an export, a run directory or a .pt -> a .pt in the card's layout (or .safetensors,
                          or DST/ without a suffix: a Hugging Face directory, --max-shard-size to shard it)
+    to-bin SRC DST.bin   a checkpoint of a family with a native format for DST's suffix (Llama Think: the
+                         llama2.c model.bin v3, lossy) -> that file
     inspect FILE         keys, shapes, dtypes, cfg, each family's claim, what maps to what
     probe SRC --tokenizer tokenizer.json --text FILE   which unpublished convention fits the checkpoint
 
@@ -56,6 +58,26 @@ def _to_torch(args) -> None:
           + ("; in PyTorch: tools.torch_port.toylm_torch.ToyLM.from_checkpoint(path)" if conv.family == "toylm" else ""))
 
 
+def _to_native(args) -> None:
+    import pathlib
+
+    from jaxlm import formats
+    from jaxlm.errors import CheckpointError
+    from jaxlm.formats.converted import native_formats
+    # With its optimizer state: a source that came from a .pt writes back through that file's whole layout.
+    conv = formats.read_checkpoint(args.src, key_map=args.key_map, overrides=args.set, filename=args.filename,
+                                   family=args.family)
+    dst = pathlib.Path(args.dst).expanduser()
+    fmt = next((f for _, suffix, f in native_formats(conv.family) if suffix == dst.suffix), None)
+    if fmt is None:
+        known = ", ".join(suffix for _, suffix, _ in native_formats(conv.family)) or "none"
+        raise CheckpointError(f"{dst}: family {conv.family} has no native format for {dst.suffix or 'no suffix'!r} "
+                              f"(its formats: {known}); use to-torch for .pt / .safetensors")
+    path = fmt.write_object(formats.to_torch_object(conv), dst)
+    print(f"note: {fmt.NOTE}")
+    print(f"wrote {path} (family {conv.family}, step {conv.step})")
+
+
 def _inspect(args) -> None:
     from tools.torch_port.report import inspect
     from jaxlm.formats import hub
@@ -103,6 +125,18 @@ def parser() -> argparse.ArgumentParser:
     common(cmd)
     cmd.set_defaults(run=_to_torch)
 
+    cmd = sub.add_parser("to-bin", help="a checkpoint -> its family's own file format (llama2.c model.bin v3)",
+                         description="Write SRC (a .pt, an export, a run directory, a .bin) in the native format of "
+                                     "its family for DST's suffix. Llama Think's model.bin v3 is lossy: it has no "
+                                     "place for CSA's compressors and blend gate or the residual scales, so the C "
+                                     "runner runs CSA layers as full attention and residuals as plain sums. Reading "
+                                     "a .bin back gives that model; --set llama2c_lossy=true selects the same "
+                                     "computation for a checkpoint read normally.")
+    cmd.add_argument("src")
+    cmd.add_argument("dst")
+    common(cmd, weights=False)
+    cmd.set_defaults(run=_to_native)
+
     cmd = sub.add_parser("inspect", help="what a checkpoint holds and how it would map")
     cmd.add_argument("file")
     common(cmd, weights=False)
@@ -131,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a destination that cannot be written, a disk that is full
         print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
         return 2
-    if args.command in ("to-orbax", "to-torch"):
+    if args.command in ("to-orbax", "to-torch", "to-bin"):
         print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
