@@ -17,12 +17,17 @@ import re
 import numpy as np
 
 from jaxlm.errors import CheckpointError
+from jaxlm.formats import llama2c_bin
 from jaxlm.formats.keymap import ConfigReport, KeyEntry, build_config, match_fraction, strip_prefixes, to_flax, to_torch
 from jaxlm.models.hybrid import HybridConfig
 from jaxlm.models.hybrid.config import LAYER_KINDS
 
 FAMILY = "hybrid"
 DISPLAY = "Llama Think (hybrid)"
+# Files of this family that are neither a .pt nor a .safetensors (keymap's protocol): the C runner's model.bin.
+NATIVE_FORMATS = {".bin": llama2c_bin}
+# jaxlm's own switches, never written into an upstream model_args (ModelArgs(**model_args) would refuse them).
+JAXLM_ONLY = ("gdn_chunk", "llama2c_lossy")
 
 # model_args in train.py's order (SPEC §12); norm_eps and hidden_dim are ModelArgs defaults it omits.
 MODEL_ARGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "multiple_of", "max_seq_len",
@@ -285,6 +290,8 @@ def fields_for_torch(cfg: HybridConfig, original: dict | None = None, report=Non
         return out
     out = {}
     for name, value in original.items():
+        if name in JAXLM_ONLY:
+            continue
         if name not in values:
             out[name] = value
             continue

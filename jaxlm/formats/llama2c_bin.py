@@ -358,3 +358,27 @@ def read_bin(path) -> tuple[dict[str, np.ndarray], dict]:
         state_dict[name] = payload[at:at + n].reshape(shape)
         at += n
     return state_dict, model_args_of(h)
+
+
+# =========================================================================== the native-format protocol
+# (``NATIVE_FORMATS`` of a naming module, ``jaxlm/formats/keymap.py``): what generic code calls.
+
+NOTE = LOSSY_NOTE
+
+
+def matches(path) -> bool:
+    """Whether ``path`` is a model.bin (by its magic; the version is checked on reading)."""
+    return is_llama2c_bin(path)
+
+
+def read_object(path) -> dict:
+    """The file as a ``ckpt.pt``-style object ``{"model": state_dict, "model_args": {...}}`` (lossy)."""
+    state_dict, model_args = read_bin(path)
+    return {"model": state_dict, "model_args": model_args}
+
+
+def write_object(top: dict, path) -> pathlib.Path:
+    """:func:`write_from_torch_object`; a jaxlm-written object names its fields ``cfg`` instead of ``model_args``."""
+    if isinstance(top, dict) and "model_args" not in top and isinstance(top.get("cfg"), dict):
+        top = {**top, "model_args": top["cfg"]}
+    return write_from_torch_object(top, path)

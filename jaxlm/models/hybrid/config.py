@@ -59,6 +59,11 @@ class HybridConfig:
     # jaxlm's own: the GDN training chunk (the upstream code's 64; any power of two computes
     # the same function, it only trades intra-chunk work against scan steps).
     gdn_chunk: int = 64
+    # jaxlm's own: compute what llama2.c's run.c computes from a model.bin (CSA layers as full
+    # attention with their own wq/wk/wv/wo, residuals as plain sums). Reading a model.bin sets it;
+    # on a checkpoint read normally (``--set llama2c_lossy=true``) the CSA compressors and the
+    # residual scales stay in the state, unused, so the switch changes no shape.
+    llama2c_lossy: bool = False
 
     family = "hybrid"
     SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "hidden_dim",

@@ -65,6 +65,8 @@ class CompressedSparseAttention(GatedAttention):
     def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
         self.window = cfg.csa_local_window
+        # llama2c_lossy: the layer runs as the full attention run.c makes of it (the compressors unused).
+        self.as_full = cfg.llama2c_lossy
         kv = cfg.n_kv_heads * cfg.head_size
         self.compress_k = layers.dense(kv, kv, ("kv", "kv"), dtype=dtype, rngs=rngs)
         self.compress_v = layers.dense(kv, kv, ("kv", "kv"), dtype=dtype, rngs=rngs)
@@ -109,6 +111,8 @@ class CompressedSparseAttention(GatedAttention):
 
     def __call__(self, x_BTD, positions_BT):
         """Training form: every row starts at index 0 (``positions_BT`` only rotate)."""
+        if self.as_full:
+            return super().__call__(x_BTD, positions_BT)
         T = x_BTD.shape[1]
         q, gate, k, v = self.project(x_BTD, positions_BT)
         local = layers.causal_attention(q, self.rotate(k, positions_BT), v, window=self.window)
@@ -119,6 +123,8 @@ class CompressedSparseAttention(GatedAttention):
     # ---- decoding
 
     def init_cache(self, batch: int, max_len: int, dtype) -> CSALayer:
+        if self.as_full:
+            return super().init_cache(batch, max_len, dtype)
         cfg = self.cfg
         G, d = cfg.n_kv_heads, cfg.head_size
         ring = (batch, G, min(self.window, max_len), d)
@@ -128,6 +134,8 @@ class CompressedSparseAttention(GatedAttention):
                         jnp.zeros((batch, G * d), jnp.float32), jnp.zeros((batch, G * d), jnp.float32))
 
     def prefill(self, x_BTD, ctx: PrefillContext, cache: CSALayer):
+        if self.as_full:
+            return super().prefill(x_BTD, ctx, cache)
         B, T, _ = x_BTD.shape
         S = self.cfg.csa_stride
         q, gate, k, v = self.project(x_BTD, ctx.positions_BT)
@@ -160,6 +168,8 @@ class CompressedSparseAttention(GatedAttention):
         return self.blend(x_BTD, local, comp, gate), new_cache
 
     def decode(self, x_B1D, positions_B1, time, starts_B, cache: CSALayer):
+        if self.as_full:
+            return super().decode(x_B1D, positions_B1, time, starts_B, cache)
         cfg = self.cfg
         S = cfg.csa_stride
         B = x_B1D.shape[0]

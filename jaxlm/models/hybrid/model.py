@@ -32,6 +32,7 @@ class Block(nnx.Module):
         # The upstream init redraws w3 (the linear "up" branch, not w2) with std 0.02 / sqrt(2 L).
         self.feed_forward.up.kernel[...] = self.feed_forward.up.kernel[...] / math.sqrt(2 * cfg.n_layers)
         self.hyper_connections = cfg.hyper_connections
+        self.scaled = cfg.hyper_connections and not cfg.llama2c_lossy   # the lossy mode keeps, but skips, the scales
         if cfg.hyper_connections:
             scale = lambda: nnx.Param(jnp.zeros((cfg.dim,), jnp.float32), out_sharding=("norm",))
             self.attn_residual_scale, self.attn_sublayer_scale = scale(), scale()
@@ -40,7 +41,7 @@ class Block(nnx.Module):
     def _add(self, h, out, residual, sublayer):
         """The residual update, in float32 (the residual stream's dtype)."""
         out = out.astype(jnp.float32)
-        if not self.hyper_connections:
+        if not self.scaled:
             return h + out
         return (1.0 + residual[...]) * h + (1.0 + sublayer[...]) * out
 

@@ -1,0 +1,124 @@
+"""Llama Think end to end through the user-facing commands: model.bin out and in, ckpt.pt both ways
+with its optimizer, --init_from, generation, bad input, training with a kill and a resume.
+
+The truth is the upstream code's own files in ``fixtures/llama_think/``: ``ckpt.pt`` (written by its
+train.py, with Muon/AdamW state at iter_num 2), ``model_v3.bin`` (its export.py --version 3 of that
+checkpoint), ``logits.npy`` and the manifest.
+"""
+
+import json
+import pathlib
+import struct
+
+import numpy as np
+import pytest
+
+from conftest import fixture_dir
+
+torch = pytest.importorskip("torch")
+
+from jaxlm.formats import llama2c_bin as lb  # noqa: E402
+from tools.torch_port.__main__ import main as torch_port  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def root():
+    return fixture_dir("llama_think")
+
+
+@pytest.fixture(scope="module")
+def export(root, tmp_path_factory):
+    """``to-orbax ckpt.pt`` once for the module (parameters and optimizer state)."""
+    dst = tmp_path_factory.mktemp("export") / "llama_think_jax"
+    assert torch_port(["to-orbax", str(root / "ckpt.pt"), str(dst)]) == 0
+    return dst
+
+
+def _cli_error(capsys, argv) -> str:
+    """Run the converter CLI expecting a user error: exit status 2 and one line on stderr."""
+    capsys.readouterr()
+    assert torch_port(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def _logits(loaded, ids):
+    import jax.numpy as jnp
+    return np.asarray(loaded.model(jnp.asarray(ids)))
+
+
+# ----------------------------------------------------------------------------- model.bin
+
+
+def test_to_bin_of_the_ckpt_is_the_exporters_file_byte_for_byte(root, tmp_path, capsys):
+    dst = tmp_path / "model.bin"
+    assert torch_port(["to-bin", str(root / "ckpt.pt"), str(dst)]) == 0
+    assert dst.read_bytes() == (root / "model_v3.bin").read_bytes()
+    out = capsys.readouterr().out
+    assert "lossy" in out and "CSA layers run as full attention" in out
+
+
+def test_to_bin_of_an_orbax_export_of_the_ckpt_is_the_same_file(root, export, tmp_path):
+    dst = tmp_path / "from_export.bin"
+    assert torch_port(["to-bin", str(export), str(dst)]) == 0
+    assert dst.read_bytes() == (root / "model_v3.bin").read_bytes()
+
+
+def test_to_bin_of_the_bin_rewrites_it(root, tmp_path):
+    dst = tmp_path / "again.bin"
+    assert torch_port(["to-bin", str(root / "model_v3.bin"), str(dst)]) == 0
+    assert dst.read_bytes() == (root / "model_v3.bin").read_bytes()
+
+
+def test_jaxlm_load_of_the_bin_is_the_c_runner_model_and_the_switch_selects_it(root):
+    """The .bin reads as the C runner's model (full attention for CSA, plain residuals), which is what
+    ``llama2c_lossy=true`` computes from the full checkpoint; the full checkpoint itself gives the
+    upstream PyTorch logits, which the lossy model does not."""
+    import jaxlm
+    ids = np.load(root / "input_ids.npy")
+    golden = np.load(root / "logits.npy")
+    from_bin = jaxlm.load(root / "model_v3.bin")
+    assert from_bin.cfg.llama2c_lossy and not from_bin.cfg.hyper_connections
+    assert set(from_bin.cfg.layer_types) == {"linear", "full"}
+    assert any("lossy" in note for note in from_bin.notes)
+    lossy = jaxlm.load(root / "ckpt.pt", overrides=["llama2c_lossy=true"])
+    assert "csa" in lossy.cfg.layer_types and lossy.cfg.hyper_connections
+    full = jaxlm.load(root / "ckpt.pt")
+    a, b, c = _logits(from_bin, ids), _logits(lossy, ids), _logits(full, ids)
+    scale = np.abs(golden).max()
+    assert np.abs(a - b).max() <= 1e-5 * scale
+    assert np.abs(c - golden).max() <= 1e-4 * scale
+    assert np.abs(a - golden).max() > 1e-2 * scale   # the format really loses something
+
+
+@pytest.fixture(scope="module")
+def good_bin(root):
+    return (root / "model_v3.bin").read_bytes()
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda raw: b"\x7fELF" + raw[4:], "magic"),
+    (lambda raw: raw[:4] + struct.pack("<i", 2) + raw[8:], "version 2"),
+    (lambda raw: raw[:4] + struct.pack("<i", 4) + raw[8:], "version 4"),
+    (lambda raw: raw[:100], "truncated"),
+    (lambda raw: raw[:-8], "truncated"),
+])
+def test_a_bad_bin_is_one_line_through_the_cli(tmp_path, capsys, good_bin, damage, needle):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(damage(good_bin))
+    for verb in ("to-orbax", "to-bin"):
+        err = _cli_error(capsys, [verb, str(bad), str(tmp_path / ("out.bin" if verb == "to-bin" else "out"))])
+        assert needle in err and "bad.bin" in err
+
+
+def test_a_file_of_no_known_format_is_one_line(tmp_path, capsys):
+    junk = tmp_path / "weights.dat"
+    junk.write_bytes(b"\x00" * 64)
+    err = _cli_error(capsys, ["to-orbax", str(junk), str(tmp_path / "out")])
+    assert "weights.dat" in err and ".bin (hybrid)" in err
+
+
+def test_to_bin_to_a_suffix_the_family_has_no_format_for(root, tmp_path, capsys):
+    err = _cli_error(capsys, ["to-bin", str(root / "model_v3.bin"), str(tmp_path / "model.gguf")])
+    assert ".gguf" in err and ".bin" in err
