@@ -122,3 +122,93 @@ def test_a_file_of_no_known_format_is_one_line(tmp_path, capsys):
 def test_to_bin_to_a_suffix_the_family_has_no_format_for(root, tmp_path, capsys):
     err = _cli_error(capsys, ["to-bin", str(root / "model_v3.bin"), str(tmp_path / "model.gguf")])
     assert ".gguf" in err and ".bin" in err
+
+
+# ----------------------------------------------------------------------------- ckpt.pt both ways
+
+
+def _same(a, b, where="ckpt"):
+    """Equal structure, key order, types and values; tensors of the same dtype, shape and bits."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert a.flatten().view(torch.uint8).equal(b.flatten().view(torch.uint8)) if a.numel() else True, where
+        return
+    assert type(a) is type(b), (where, type(a), type(b))
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            _same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_ckpt_to_orbax_and_back_is_bit_exact_with_its_optimizer(root, export, tmp_path):
+    back = tmp_path / "back.pt"
+    assert torch_port(["to-torch", str(export), str(back)]) == 0
+    original = torch.load(root / "ckpt.pt", map_location="cpu", weights_only=False)
+    again = torch.load(back, map_location="cpu", weights_only=False)
+    _same(original, again)   # _orig_mod. keys, masks, model_args, iter_num, best_val_loss, config, optimizer
+    manifest = json.loads((root / "manifest.json").read_text())["checkpoint"]
+    assert list(again) == manifest["top_level_keys"] and again["iter_num"] == 2
+    assert set(manifest["mask_buffers"]) <= set(again["model"])
+    sd = again["model"]   # the tied head shares the embedding's storage, as upstream saved it
+    assert sd["_orig_mod.output.weight"].data_ptr() == sd["_orig_mod.tok_embeddings.weight"].data_ptr()
+
+
+def test_the_optimizer_state_lands_on_the_parameters_the_manifest_names(root, export):
+    """Each torch optimizer index is the parameter the manifest names: its Muon momentum or AdamW
+    moments become that parameter's slots (in Flax layout), at the checkpoint's step."""
+    from jaxlm import formats
+    from jaxlm.formats import hybrid as fh
+    conv = formats.read_checkpoint(export)
+    assert conv.step == 2
+    by_name = {e.name: e for e in fh.entries(conv.model_cfg) if e.kind == "param"}
+    optimizer = torch.load(root / "ckpt.pt", map_location="cpu", weights_only=False)["optimizer"]
+    manifest = json.loads((root / "manifest.json").read_text())["checkpoint"]["optimizer_index_to_param"]
+    groups = {0: ("momentum_buffer",), 1: ("exp_avg", "exp_avg_sq")}
+    slots = {"momentum_buffer": "momentum", "exp_avg": "mu", "exp_avg_sq": "nu"}
+    for item in manifest:
+        entry = by_name[item["param"]]
+        state = optimizer["state"][item["index"]]
+        for name in groups[item["group"]]:
+            want = state[name].float().numpy()
+            got = conv.slots[slots[name]][entry.targets[0]]
+            got = got.transpose(tuple(reversed(range(got.ndim)))) if entry.transpose else got
+            np.testing.assert_array_equal(np.asarray(got, np.float32), want, err_msg=item["param"])
+    assert len(manifest) == sum(len(g["params"]) for g in optimizer["param_groups"])
+
+
+def test_init_from_the_ckpt_continues_at_its_iteration_with_its_optimizer_state(root):
+    """--init_from's state: the checkpoint's step, its weights and every optimizer moment it saved."""
+    import jax
+    from jaxlm import config as C
+    from jaxlm import formats
+    from jaxlm import sharding
+    from jaxlm.state import plan_state
+    cfg = C.load_config("llama_think_tiny.py")
+    mesh = sharding.make_mesh(cfg.mesh)
+    plan = plan_state(cfg, mesh)
+    with jax.set_mesh(mesh):
+        state = formats.init_train_state(root / "ckpt.pt", cfg, plan.init(cfg), log=lambda *_: None)
+    assert int(state["step"]) == 2
+    top = torch.load(root / "ckpt.pt", map_location="cpu", weights_only=False)
+    emb = np.asarray(state["params"]["embed"]["embedding"])
+    np.testing.assert_array_equal(emb, top["model"]["_orig_mod.tok_embeddings.weight"].numpy())
+    leaves = [np.asarray(x) for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) >= 1]
+    by_shape = {}
+    for leaf in leaves:
+        by_shape.setdefault(leaf.shape, []).append(leaf)
+    from jaxlm.formats import hybrid as fh
+    transposed = {e.name: e.transpose for e in fh.entries(cfg.model)}
+    manifest = json.loads((root / "manifest.json").read_text())["checkpoint"]["optimizer_index_to_param"]
+    for item in manifest:
+        for name, value in top["optimizer"]["state"][item["index"]].items():
+            if name == "step":
+                continue
+            want = value.float().numpy()
+            flax = want.transpose(tuple(reversed(range(want.ndim)))) if transposed[item["param"]] else want
+            assert any(np.array_equal(leaf, flax) for leaf in by_shape.get(flax.shape, [])), (item, name)
