@@ -27,6 +27,17 @@ def root():
 
 
 @pytest.fixture(scope="module")
+def alone(root, tmp_path_factory):
+    """``ckpt.pt`` and ``model_v3.bin`` linked into a folder of their own: jaxlm.load looks for a
+    tokenizer beside a checkpoint, and the fixture folder's Llama 2 tokenizer.model (32000 ids) does not
+    fit the fixture model's 256."""
+    folder = tmp_path_factory.mktemp("alone")
+    for name in ("ckpt.pt", "model_v3.bin"):
+        (folder / name).symlink_to(root / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def export(root, tmp_path_factory):
     """``to-orbax ckpt.pt`` once for the module (parameters and optimizer state)."""
     dst = tmp_path_factory.mktemp("export") / "llama_think_jax"
@@ -71,20 +82,20 @@ def test_to_bin_of_the_bin_rewrites_it(root, tmp_path):
     assert dst.read_bytes() == (root / "model_v3.bin").read_bytes()
 
 
-def test_jaxlm_load_of_the_bin_is_the_c_runner_model_and_the_switch_selects_it(root):
+def test_jaxlm_load_of_the_bin_is_the_c_runner_model_and_the_switch_selects_it(root, alone):
     """The .bin reads as the C runner's model (full attention for CSA, plain residuals), which is what
     ``llama2c_lossy=true`` computes from the full checkpoint; the full checkpoint itself gives the
     upstream PyTorch logits, which the lossy model does not."""
     import jaxlm
     ids = np.load(root / "input_ids.npy")
     golden = np.load(root / "logits.npy")
-    from_bin = jaxlm.load(root / "model_v3.bin")
+    from_bin = jaxlm.load(alone / "model_v3.bin")
     assert from_bin.cfg.llama2c_lossy and not from_bin.cfg.hyper_connections
     assert set(from_bin.cfg.layer_types) == {"linear", "full"}
     assert any("lossy" in note for note in from_bin.notes)
-    lossy = jaxlm.load(root / "ckpt.pt", overrides=["llama2c_lossy=true"])
+    lossy = jaxlm.load(alone / "ckpt.pt", overrides=["llama2c_lossy=true"])
     assert "csa" in lossy.cfg.layer_types and lossy.cfg.hyper_connections
-    full = jaxlm.load(root / "ckpt.pt")
+    full = jaxlm.load(alone / "ckpt.pt")
     a, b, c = _logits(from_bin, ids), _logits(lossy, ids), _logits(full, ids)
     scale = np.abs(golden).max()
     assert np.abs(a - b).max() <= 1e-5 * scale
@@ -212,3 +223,59 @@ def test_init_from_the_ckpt_continues_at_its_iteration_with_its_optimizer_state(
             want = value.float().numpy()
             flax = want.transpose(tuple(reversed(range(want.ndim)))) if transposed[item["param"]] else want
             assert any(np.array_equal(leaf, flax) for leaf in by_shape.get(flax.shape, [])), (item, name)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_a_ckpt_whose_layer_types_name_an_unknown_kind_is_one_line(root, tmp_path, capsys):
+    top = torch.load(root / "ckpt.pt", map_location="cpu", weights_only=False)
+    top["model_args"]["layer_types"] = ("linear", "linear", "mamba", "full") * 2
+    bad = tmp_path / "ckpt.pt"
+    torch.save(top, bad)
+    for verb, dst in (("to-orbax", "out"), ("to-bin", "out.bin"), ("to-torch", "out.pt")):
+        err = _cli_error(capsys, [verb, str(bad), str(tmp_path / dst)])
+        assert "'mamba'" in err and "layer" in err and str(bad) in err
+
+
+def _byte_tokenizer(path):
+    """A byte-level tokenizer of exactly 256 ids (no merges, no special tokens): what fits the fixture."""
+    from jaxlm.data.tokenizer import train_tokenizer
+    tokenizer = train_tokenizer(["the fixture model has 256 ids"], 256, special_tokens=())
+    assert tokenizer.get_vocab_size() == 256
+    tokenizer.save(str(path))
+    return tokenizer
+
+
+def test_generate_refuses_a_tokenizer_larger_than_the_model_in_one_line(root, capsys):
+    """The fixture model has 256 ids, Llama 2's tokenizer.model 32000: refused before any compile."""
+    from jaxlm.generate import main as generate
+    capsys.readouterr()
+    status = generate(["--checkpoint", str(root / "ckpt.pt"), "--tokenizer", str(root / "tokenizer.model"),
+                       "--prompt", "Hello", "--max_new_tokens", "20"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "\n" not in err and "32000" in err and "256" in err
+
+
+@pytest.mark.slow
+def test_generate_from_the_ckpt_with_a_tokenizer_that_fits_is_greedy_decoding(alone, tmp_path, capsys):
+    """``python -m jaxlm.generate --checkpoint ckpt.pt`` (recurrent GDN state, CSA ring + blocks, full
+    KV cache) continues the prompt with the arg-max of the uncached forward at every step."""
+    import jax.numpy as jnp
+
+    import jaxlm
+    from jaxlm.generate import main as generate
+    tokenizer = _byte_tokenizer(tmp_path / "tokenizer.json")
+    prompt, steps = "The for statement", 12
+    capsys.readouterr()
+    assert generate(["--checkpoint", str(alone / "ckpt.pt"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+                     "--prompt", prompt, "--max_new_tokens", str(steps), "--greedy"]) == 0
+    printed = capsys.readouterr().out
+    model = jaxlm.load(alone / "ckpt.pt").model
+    ids = tokenizer.encode(prompt).ids
+    T = len(ids) + steps
+    for _ in range(steps):   # one compile: the causal forward of a fixed, right-padded length
+        logits = np.asarray(model(jnp.asarray([ids + [0] * (T - len(ids))])))
+        ids.append(int(np.argmax(logits[0, len(ids) - 1])))
+    assert printed.startswith(prompt)
+    assert tokenizer.decode(ids) in printed
