@@ -145,19 +145,17 @@ def test_generate_cli_on_the_hf_directory(tmp_path):
               "--prompt", "the whale swims", "--max_new_tokens", "8", "--greedy", "--chunk_size", "3")
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "the whale swims" in out.stdout and "Traceback" not in out.stderr
-    # The same greedy continuation as the full forward, token by token.
+    # The text printed is the greedy continuation of the full forward, token by token.
     from jaxlm.data.tokenizer import load_tokenizer
-    lm = jaxlm.load(src)
-    prompt = load_tokenizer(tok, eos_token=DEEPSEEK_EOS).encode("the whale swims").ids
+    lm, tokenizer = jaxlm.load(src), load_tokenizer(tok, eos_token=DEEPSEEK_EOS)
+    prompt = tokenizer.encode("the whale swims").ids
     forward = nnx.jit(lambda m, x: m(x))
     ids = list(prompt)
     for _ in range(8):
         row = jnp.asarray([ids + [0] * (24 - len(ids))])
         ids.append(int(np.argmax(np.asarray(forward(lm.model, row))[0, len(ids) - 1])))
-    from jaxlm import generate as G
-    from jaxlm.generate import SamplingConfig
-    got = G.generate_tokens(lm.model, [prompt], max_new_tokens=8, sampling=SamplingConfig(greedy=True), chunk_size=3)
-    assert got[0] == ids[len(prompt):]
+    continuation = tokenizer.decode(ids[len(prompt):]).strip()
+    assert continuation and continuation in out.stdout, (continuation, out.stdout)
 
 
 def test_generated_tokens_over_several_chunks_equal_greedy_on_the_full_forward():
