@@ -6,6 +6,7 @@
     logits = lm(ids)                           # float32 [B, T, V] (soft-capped), ids int [B, T]
     lm.cfg                                     # the model config (e.g. ToyLMConfig)
     lm.tokenizer                               # tokenizers.Tokenizer from tokenizer.json beside it, or None
+    lm.eos_id                                  # the id that ends a text (run config, else the tokenizer's files)
     lm.model                                   # the Flax NNX module, for jaxlm.generate and friends
 
 Parameters are float32 (a bf16 checkpoint is upcast exactly); ``dtype="bfloat16"`` computes
@@ -35,6 +36,7 @@ class LoadedModel:
     cfg: Any                        # its config dataclass
     tokenizer: Any = None           # ``tokenizers.Tokenizer`` or None
     step: int | None = None         # training step of the checkpoint, when known
+    eos_id: int | None = None       # the end-of-text id: the run's data.eos_token, else the tokenizer's own
     source: str = ""
     notes: list[str] = dataclasses.field(default_factory=list)  # what the conversion assumed
     _forward: Any = dataclasses.field(default=None, repr=False)
@@ -53,21 +55,42 @@ class LoadedModel:
         return self.tokenizer.encode(text).ids
 
 
-def _find_tokenizer(path: pathlib.Path, explicit):
-    candidates = [pathlib.Path(explicit).expanduser()] if explicit else []
-    if not explicit:
+def _find_tokenizer(path: pathlib.Path, explicit, vocab_size: int):
+    """``(tokenizer, its file)`` named by ``explicit`` or found beside the checkpoint, or ``(None, None)``.
+
+    Read with the checks of ``jaxlm.data.tokenizer`` (a file that is not a tokenizer, one with more
+    ids than the model has rows), which imports no Grain.
+    """
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        return None, None
+    from jaxlm.data import tokenizer as tok
+    if explicit:
+        candidates = [tok.tokenizer_file(explicit)]
+    else:
         base = path.parent if path.is_file() else path
-        candidates += [base / "tokenizer.json", base.parent.parent / "tokenizer.json"]  # run/checkpoints/<step>
+        candidates = [folder / name for folder in (base, base.parent.parent)  # run/checkpoints/<step>
+                      for name in (tok.TOKENIZER_JSON, tok.SENTENCEPIECE_MODEL)]
     for candidate in candidates:
         if candidate.is_file():
-            try:
-                from tokenizers import Tokenizer
-            except ImportError:
-                return None
-            return Tokenizer.from_file(str(candidate))
-    if explicit:
-        raise CheckpointError(f"tokenizer {explicit}: file not found")
-    return None
+            return tok.load_tokenizer(candidate, vocab_size=vocab_size, eos_token=None), candidate
+    return None, None
+
+
+def _eos_id(tokenizer, tokenizer_path, run_config: dict | None) -> int | None:
+    """The run's ``data.eos_token`` where the checkpoint carries one, else the EOS the tokenizer's
+    own files name (a SentencePiece eos_id, a tokenizer_config.json), else ``<|endoftext|>``."""
+    if tokenizer is None:
+        return None
+    from jaxlm.data import tokenizer as tok
+    named = ((run_config or {}).get("data") or {}).get("eos_token")
+    if named and tokenizer.token_to_id(named) is not None:
+        return tokenizer.token_to_id(named)
+    own = tok.special_tokens(tokenizer_path, tokenizer)
+    if own.eos_id is not None:
+        return own.eos_id
+    return tokenizer.token_to_id(tok.DEFAULT_EOS)
 
 
 def model_from_params(model_cfg, params: dict[str, np.ndarray], *, dtype=jnp.float32, source: str = ""):
@@ -104,6 +127,8 @@ def load(path, *, filename: str | None = None, dtype: str = "float32", tokenizer
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(dtype)
     if compute is None:
         raise CheckpointError(f"dtype {dtype!r}: allowed 'float32', 'bfloat16'")
+    # The tokenizer first: one that does not fit the model is refused before any weight is built.
+    tok, tok_path = _find_tokenizer(path, tokenizer, conv.model_cfg.vocab_size)
     model = model_from_params(conv.model_cfg, conv.params, dtype=compute, source=str(path))
-    return LoadedModel(model=model, cfg=conv.model_cfg, tokenizer=_find_tokenizer(path, tokenizer), step=conv.step,
-                       source=str(path), notes=list(conv.notes))
+    return LoadedModel(model=model, cfg=conv.model_cfg, tokenizer=tok, step=conv.step, source=str(path),
+                       notes=list(conv.notes), eos_id=_eos_id(tok, tok_path, conv.run_config))

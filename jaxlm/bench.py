@@ -28,6 +28,7 @@ import sys
 import time
 
 from jaxlm import config as C  # light: no JAX, so the worker processes start fast
+from jaxlm.errors import ArgumentParser, non_negative_int, positive_float, positive_int, positive_ints
 
 RESULT_TAG = "BENCH_RESULT "
 
@@ -336,7 +337,7 @@ def train_mode(args, overrides: list[str]) -> int:
     t = cfg.train
     seq = args.seq or t.seq_len
     accum = args.grad_accum or t.grad_accum
-    batches = [int(b) for b in args.batch.split(",")] if args.batch else [t.batch_size]
+    batches = list(args.batch) if args.batch else [t.batch_size]
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -382,7 +383,7 @@ def train_mode(args, overrides: list[str]) -> int:
         else:
             specs += [_spec("jaxlm", variant, args, shape_overrides, batch=b, seq=seq, accum=accum) for b in batches]
     if args.torch:
-        for kernel in args.torch_attention.split(","):
+        for kernel in _torch_kernels(args.torch_attention):
             for batch in batches:
                 spec = _spec("torch", kernel, args, shape_overrides, batch=batch, seq=seq, accum=accum)
                 spec["config_dict"] = C.to_dict(cfg)
@@ -419,7 +420,7 @@ def decode_mode(args, overrides: list[str]) -> int:
 
     cfg = C.load_config(args.config, overrides)
     rows = []
-    for batch in [int(b) for b in args.batch.split(",")] if args.batch else [1]:
+    for batch in list(args.batch) if args.batch else [1]:
         result = benchmark_decode(cfg.model, batch=batch, prompt_len=args.seq or 16)
         rows.append({"batch": batch, **result})
         print(f"  decode batch {batch}: {json.dumps(result, default=str)}", flush=True)
@@ -438,36 +439,54 @@ def decode_mode(args, overrides: list[str]) -> int:
     return 0
 
 
+def _torch_kernels(requested: str) -> list[str]:
+    """The PyTorch attention kernels to time here: FlexAttention has no backward pass on a CPU
+    (its rows would only fail), so without CUDA the flex kernels give way to plain SDPA."""
+    kernels = [k.strip() for k in requested.split(",") if k.strip()]
+    try:
+        import torch
+    except ImportError:
+        print("torch: not installed here; the PyTorch rows are skipped (pip install torch)", flush=True)
+        return []
+    if torch.cuda.is_available():
+        return kernels
+    kept = [k for k in kernels if "flex" not in k] or ["sdpa"]
+    if kept != kernels:
+        print(f"torch: no CUDA device, and FlexAttention has no CPU backward pass: timing {','.join(kept)} "
+              f"instead of {','.join(kernels)}", flush=True)
+    return kept
+
+
 def data_mode(args) -> int:
     try:
         from jaxlm.data import bench as data_bench
     except ImportError as error:
         print(f"data: not available here ({error}); the input pipeline needs jaxlm's data extras (grain)")
         return 0
-    argv = ["--seq-len", str(args.seq or 4096), "--batch-size", str(int(args.batch.split(",")[0]) if args.batch else 16)]
+    argv = ["--seq-len", str(args.seq or 4096), "--batch-size", str(args.batch[0] if args.batch else 16)]
     return data_bench.main(argv + (["--json", args.json] if args.json else []))
 
 
 def parse_args(argv: list[str]):
-    p = argparse.ArgumentParser(prog="python -m jaxlm.bench", description=__doc__.split("\n")[0],
+    p = ArgumentParser(prog="python -m jaxlm.bench", description=__doc__.split("\n")[0],
                                 epilog="Config fields can be overridden with --config.SECTION.FIELD=VALUE.")
     p.add_argument("--config", help="config name in configs/ (e.g. crowfeather.py) or a path")
     p.add_argument("--mode", choices=("train", "decode", "data"), default="train")
-    p.add_argument("--batch", help="micro-batch size(s), comma-separated (default: the config's)")
-    p.add_argument("--seq", type=int, help="sequence length (default: the config's)")
-    p.add_argument("--grad_accum", type=int, help="micro-batches per step (default: the config's)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per block")
-    p.add_argument("--repeats", type=int, default=3, help="timed blocks; the median block is reported")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    p.add_argument("--batch", type=positive_ints, help="micro-batch size(s), comma-separated (default: the config's)")
+    p.add_argument("--seq", type=positive_int, help="sequence length (default: the config's)")
+    p.add_argument("--grad_accum", type=positive_int, help="micro-batches per step (default: the config's)")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps per block")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed blocks; the median block is reported")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps after compiling")
     p.add_argument("--variants", default="config", help=f"fast-path presets, comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--max_batch", action="store_true", help="find the largest micro-batch that fits, then time it")
-    p.add_argument("--peak_tflops", type=float, help="peak bf16 TFLOP/s per device for MFU (default: jaxlm.hardware)")
+    p.add_argument("--peak_tflops", type=positive_float, help="peak bf16 TFLOP/s per device for MFU (default: jaxlm.hardware)")
     p.add_argument("--torch", action="store_true", help="also time the PyTorch ToyLM (tools/torch_port) on this device")
     p.add_argument("--torch_attention", default="flex,sdpa_flex",
                    help="PyTorch attention kernels to time: flex, sdpa, sdpa_flex (comma-separated)")
     p.add_argument("--profile", help="write a jax.profiler trace of the first row here and print where the time goes")
     p.add_argument("--dump_hlo", help="write the first row's optimised HLO here")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per row")
+    p.add_argument("--timeout", type=positive_float, default=1800, help="seconds per row")
     p.add_argument("--json", help="also write every row here")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args, overrides = C.parse_args_with_overrides(p, argv)

@@ -28,7 +28,8 @@ from jaxlm.errors import CheckpointError, JaxlmError
 # Fields that may change between the runs of one directory without changing what is
 # trained: how often to log/save/sample, whether to resume, the device layout, and the
 # speed knobs that change how (not what) the step computes.
-RESUMABLE_CHANGES = ("resume", "train.log_every", "train.sample_prompt", "train.sample_tokens",
+# Where the run lives is not part of what it is: a moved or copied run directory resumes.
+RESUMABLE_CHANGES = ("out_dir", "resume", "train.log_every", "train.sample_prompt", "train.sample_tokens",
                      "train.eval_every", "train.eval_batches", "train.remat", "train.scan_layers",
                      "train.loss_chunk", "train.fused_loss", "data.num_workers", "data.read_threads",
                      "checkpoint.", "mesh.")
@@ -43,35 +44,54 @@ class Checkpointer:
             # Starting over must not lose the old run: its checkpoints are moved aside.
             aside = self.out_dir / time.strftime("checkpoints.before-%Y%m%d-%H%M%S")
             self.directory.rename(aside)
+            # The old run's logged metrics go with its checkpoints: the new run's plot starts afresh.
+            from jaxlm.monitor import METRICS_FILE
+            if (self.out_dir / METRICS_FILE).exists():
+                (self.out_dir / METRICS_FILE).rename(aside / METRICS_FILE)
             print(f"resume=false: previous checkpoints moved to {aside}")
-        ck = cfg.checkpoint
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=ck.keep,
-            keep_period=ck.keep_every or None,
-            enable_async_checkpointing=ck.async_save,
-            cleanup_tmp_directories=True,  # what a killed save left behind is never a checkpoint
-            create=True,
-        )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = None
         self.last_save_time = time.monotonic()
         self.saving_step: int | None = None  # the step of the save in flight, for error messages
 
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        """Made on first use, so that a refused config starts no Orbax thread."""
+        if self._manager is None:
+            ck = self.cfg.checkpoint
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=ck.keep,
+                keep_period=ck.keep_every or None,
+                enable_async_checkpointing=ck.async_save,
+                cleanup_tmp_directories=True,  # what a killed save left behind is never a checkpoint
+                create=True,
+            )
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        return self._manager
+
     # ---------------------------------------------------------------- config guard
 
-    def check_config(self) -> None:
-        """Refuse to continue a directory that holds another config's run; record ours."""
+    def check_config(self, record: bool = True) -> None:
+        """Refuse to continue a directory that holds another config's run; record ours (``record``)."""
         path = self.out_dir / "config.json"
         ours = C.to_dict(self.cfg)
         if path.exists() and self.cfg.resume:
-            theirs = json.loads(path.read_text())
+            try:
+                theirs = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise CheckpointError(f"{path}: unreadable ({type(error).__name__}); restore it from a copy, or "
+                                      "use a new out_dir") from None
             diffs = [k for k in _flat_diff(theirs, ours) if not k.startswith(RESUMABLE_CHANGES)]
             if diffs:
                 raise CheckpointError(
                     f"{self.out_dir} holds a run of another config (differs in {', '.join(diffs[:5])}); "
                     "use a new out_dir, or --config.resume=false to start over there")
+        if record:
+            self.record_config()
+
+    def record_config(self) -> None:
         if jax.process_index() == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(C.to_json(self.cfg))
+            (self.out_dir / "config.json").write_text(C.to_json(self.cfg))
 
     # ---------------------------------------------------------------- save
 
@@ -107,11 +127,15 @@ class Checkpointer:
                 f"{first_line}); the previous checkpoints are intact: free space and re-run to resume")
 
     def close(self) -> None:
-        self.manager.close()
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
 
     # ---------------------------------------------------------------- restore
 
     def latest_step(self) -> int | None:
+        if not self.directory.is_dir():
+            return None
         return self.manager.latest_step()
 
     def restore_latest(self, abstract_state, data_iterator=None, log=print):
@@ -155,13 +179,16 @@ def restore_newest(manager, items_for, log=print, quarantine: pathlib.Path | Non
             return step, manager.restore(step, args=ocp.args.Composite(**items_for(step)))
         except Exception as error:  # noqa: BLE001 - any failure means "not a usable checkpoint"
             path = pathlib.Path(manager.directory) / str(step)
-            log(f"checkpoint {path} is damaged ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:200] if str(error) else ''}); falling back to an older one")
+            log(f"checkpoint {path} is damaged ({_first_line(error)}); falling back to an older one")
             if quarantine is not None and jax.process_index() == 0:
                 quarantine.mkdir(parents=True, exist_ok=True)
                 path.rename(quarantine / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
                 manager.reload()
     return None, None
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
 
 
 def _flat_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -191,17 +218,33 @@ def restore_run(run_dir: str | pathlib.Path, step: int | None = None):
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{run_dir} is not a jaxlm run directory (no config.json)")
-    cfg = config_from_dict(json.loads(config_path.read_text()))
+    try:
+        cfg = config_from_dict(json.loads(config_path.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{config_path}: unreadable ({_first_line(error)}); not a jaxlm run directory") from None
     mesh = make_mesh(C.MeshConfig(data=1), devices=jax.devices()[:1])
     plan = plan_state(cfg, mesh)
+    if not (run_dir / "checkpoints").is_dir():
+        raise CheckpointError(f"{run_dir} has no checkpoints/ folder: train it first (python -m jaxlm.train)")
     manager = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True))
-    items = {"state": ocp.args.StandardRestore(plan.abstract)}
-    with jax.set_mesh(mesh):
-        if step is not None:
-            return cfg, manager.restore(step, args=ocp.args.Composite(**items))["state"]
-        found, restored = restore_newest(manager, lambda _: items)
+    try:
+        steps = sorted(manager.all_steps())
+        if step is not None and step not in steps:
+            raise CheckpointError(f"{run_dir / 'checkpoints'} has no step {step}; its steps: "
+                                  f"{', '.join(map(str, steps)) or 'none'}")
+        items = {"state": ocp.args.StandardRestore(plan.abstract)}
+        with jax.set_mesh(mesh):
+            if step is not None:
+                try:
+                    return cfg, manager.restore(step, args=ocp.args.Composite(**items))["state"]
+                except Exception as error:  # noqa: BLE001 - a damaged checkpoint, whatever Orbax raises
+                    raise CheckpointError(f"{run_dir / 'checkpoints' / str(step)} is damaged "
+                                          f"({_first_line(error)}); export another --step") from None
+            found, restored = restore_newest(manager, lambda _: items)
+    finally:
+        manager.close()
     if restored is None:
-        raise CheckpointError(f"{run_dir / 'checkpoints'} holds no usable checkpoint")
+        raise CheckpointError(f"{run_dir / 'checkpoints'} holds no usable checkpoint: train it first")
     return cfg, restored["state"]
 
 
@@ -238,18 +281,23 @@ def export_inference(run_dir: str | pathlib.Path, dst: str | pathlib.Path, *, dt
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
-    parser = argparse.ArgumentParser(prog="python -m jaxlm.checkpoint")
+    from jaxlm.errors import ArgumentParser, non_negative_int
+    parser = ArgumentParser(prog="python -m jaxlm.checkpoint")
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="parameters only, for jaxlm.load and python -m jaxlm.generate")
     export.add_argument("run_dir")
     export.add_argument("dst")
     export.add_argument("--bf16", action="store_true", help="store bfloat16 weights (half the size)")
-    export.add_argument("--step", type=int, help="a given checkpoint step (default: the newest)")
+    export.add_argument("--step", type=non_negative_int, help="a given checkpoint step (default: the newest)")
     args = parser.parse_args(argv)
     try:
         dst = export_inference(args.run_dir, args.dst, dtype="bfloat16" if args.bf16 else "float32", step=args.step)
     except JaxlmError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a destination that cannot be written
+        print(f"error: {error.filename or args.dst}: {error.strerror or error}; choose another destination",
+              file=sys.stderr)
         return 2
     print(f"exported to {dst}")
     return 0

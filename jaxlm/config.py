@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -26,7 +27,7 @@ import types
 import typing
 from typing import Any
 
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, JaxlmError
 
 
 # --------------------------------------------------------------------------- sections
@@ -368,22 +369,42 @@ def find_config_file(name: str) -> pathlib.Path:
 def load_config(name: str, overrides: list[str] = ()) -> Config:
     """Load a config file, apply ``section.field=value`` overrides, validate."""
     path = find_config_file(name)
-    spec = importlib.util.spec_from_file_location(f"jaxlm_config_{path.stem}", path)
+    # Whatever the file's suffix: a config is Python source.
+    loader = importlib.machinery.SourceFileLoader(f"jaxlm_config_{path.stem}", str(path))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
     module = importlib.util.module_from_spec(spec)
     # A config may build on a sibling (shard.py starts from crowfeather.py).
     sys.path.insert(0, str(path.parent))
     try:
         spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path}: a config file must define get_config() returning jaxlm.config.Config")
+        cfg = module.get_config()
+    except JaxlmError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the user's Python: say where it broke, not a traceback
+        raise ConfigError(f"{path}: {_where_it_broke(error, path)}; fix the config file") from None
     finally:
         sys.path.remove(str(path.parent))
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path}: a config file must define get_config() returning jaxlm.config.Config")
-    cfg = module.get_config()
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected jaxlm.config.Config")
     for item in overrides:
         apply_override(cfg, item)
     return validate(cfg)
+
+
+def _where_it_broke(error: Exception, path: pathlib.Path) -> str:
+    """``line 3: NameError: name 'x' is not defined``: the innermost frame of the config file."""
+    if isinstance(error, SyntaxError) and error.lineno is not None:
+        return f"line {error.lineno}: SyntaxError: {error.msg}"
+    line = None
+    tb = error.__traceback__
+    while tb is not None:
+        if pathlib.Path(tb.tb_frame.f_code.co_filename).resolve() == path.resolve():
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    message = (str(error).splitlines() or [""])[0][:200]
+    return f"{'line %d: ' % line if line else ''}{type(error).__name__}: {message}"
 
 
 def parse_args_with_overrides(parser, argv) -> tuple[Any, list[str]]:

@@ -36,12 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.errors import (ArgumentParser, ConfigError, JaxlmError, non_negative_float, non_negative_int,
+                          positive_float, positive_int)
 from jaxlm.models import family, kv_cache
 from jaxlm.sampling import SamplingConfig, next_token
 
-# jaxlm.data.tokenizer.DEFAULT_EOS, spelled out: importing jaxlm.data pulls in Grain, which
-# inference does not need (and the GPU machine lacks).
+# jaxlm.data.tokenizer.DEFAULT_EOS: the end of text of a tokenizer trained here, and the fallback of
+# generate_text when no EOS id is given (jaxlm.load finds a checkpoint's own: LoadedModel.eos_id).
 EOS_TOKEN = "<|endoftext|>"
 CARD_SAMPLING = SamplingConfig(temperature=0.8, top_p=0.9, repetition_penalty=1.3)  # the model cards' settings
 DEFAULT_CHUNK = 16
@@ -209,19 +210,7 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     """
     sampling.validate()
     prompts = [list(map(int, p)) for p in prompts]
-    cfg = model.cfg
-    if not prompts:
-        raise ConfigError("no prompts given")
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens = {max_new_tokens}: must be >= 1")
-    for i, prompt in enumerate(prompts):
-        if not prompt:
-            raise ConfigError(f"prompt {i} is empty: give at least one token")
-        if len(prompt) + max_new_tokens > cfg.max_seq_len:
-            raise ConfigError(f"prompt {i} has {len(prompt)} tokens + max_new_tokens {max_new_tokens} > the "
-                              f"model's max_seq_len {cfg.max_seq_len}: shorten the prompt or ask for fewer tokens")
-        if max(prompt) >= cfg.vocab_size or min(prompt) < 0:
-            raise ConfigError(f"prompt {i} has token ids outside the model's vocabulary 0..{cfg.vocab_size - 1}")
+    check_prompts(model.cfg, prompts, max_new_tokens)
     chunk_size = max(1, min(chunk_size, max_new_tokens - 1)) if max_new_tokens > 1 else 1
     n_chunks = math.ceil((max_new_tokens - 1) / chunk_size)
     prompt_len = bucket(max(map(len, prompts)))
@@ -255,6 +244,23 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
             break
         pending = next_pending
     return [out[:out.index(eos)] if eos in out else out for out in outputs]
+
+
+def check_prompts(cfg, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Refuse what cannot be generated (before anything is printed or compiled)."""
+    if not prompts:
+        raise ConfigError("no prompts given")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens = {max_new_tokens}: must be >= 1")
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ConfigError(f"prompt {i} is empty: give at least one token")
+        if len(prompt) + max_new_tokens > cfg.max_seq_len:
+            raise ConfigError(f"prompt {i} has {len(prompt)} tokens + max_new_tokens {max_new_tokens} > the "
+                              f"model's max_seq_len {cfg.max_seq_len}: shorten the prompt or ask for fewer tokens")
+        if max(prompt) >= cfg.vocab_size or min(prompt) < 0:
+            raise ConfigError(f"prompt {i} has token ids outside the model's vocabulary 0..{cfg.vocab_size - 1}: "
+                              "the tokenizer does not belong to this model")
 
 
 def generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int, sampling: SamplingConfig = CARD_SAMPLING,
@@ -306,12 +312,17 @@ class _TextRow:
 
 def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
                   sampling: SamplingConfig = CARD_SAMPLING, seed: int = 0, stop: Sequence[str] = (),
-                  chunk_size: int = DEFAULT_CHUNK, on_text: Callable[[int, str], None] | None = None) -> list[str]:
+                  chunk_size: int = DEFAULT_CHUNK, on_text: Callable[[int, str], None] | None = None,
+                  eos_id: int | None | str = "auto", new_token_counts: list[int] | None = None) -> list[str]:
     """Continuations of ``prompts``, stopped at EOS or at the first of ``stop`` (excluded).
 
     ``on_text(row, piece)`` receives each row's text as it becomes final, for streaming.
+    ``eos_id``: the id that ends a text (``lm.eos_id`` of ``jaxlm.load``); ``"auto"``: the
+    tokenizer's ``<|endoftext|>`` if it has one; None: none (stop strings and the length only).
+    ``new_token_counts``, if given, receives the number of new ids of each row (up to its stop).
     """
-    eos_id = tokenizer.token_to_id(EOS_TOKEN)
+    if eos_id == "auto":
+        eos_id = tokenizer.token_to_id(EOS_TOKEN)
     rows = [_TextRow(tokenizer, stop) for _ in prompts]
 
     def on_tokens(new_ids):
@@ -327,6 +338,8 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
         piece = row.finish()
         if piece and on_text:
             on_text(i, piece)
+    if new_token_counts is not None:
+        new_token_counts[:] = [len(row.ids) for row in rows]
     return [row.text for row in rows]
 
 
@@ -418,13 +431,8 @@ def _cached_attention(cache: family.Cache) -> str:
 # --------------------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every jaxlm error
-        self.exit(2, f"error: {message}\n")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(prog="python -m jaxlm.generate",
+    parser = ArgumentParser(prog="python -m jaxlm.generate",
                      description="Sample continuations of prompts from a checkpoint (KV-cached, jitted decode). "
                                  "Defaults are the model cards' settings: T=0.8, top-p 0.9, repetition penalty "
                                  "1.3, 80 new tokens.")
@@ -433,11 +441,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the checkpoint)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     parser.add_argument("--prompts_file", help="a file with one prompt per line (added to --prompt)")
-    parser.add_argument("--max_new_tokens", type=int, default=80)
-    parser.add_argument("--temperature", type=float, default=CARD_SAMPLING.temperature)
-    parser.add_argument("--top_p", type=float, default=CARD_SAMPLING.top_p)
-    parser.add_argument("--top_k", type=int, default=0, help="0: no top-k filter")
-    parser.add_argument("--repetition_penalty", type=float, default=None,
+    parser.add_argument("--max_new_tokens", type=positive_int, default=80)
+    parser.add_argument("--temperature", type=non_negative_float, default=CARD_SAMPLING.temperature)
+    parser.add_argument("--top_p", type=positive_float, default=CARD_SAMPLING.top_p)
+    parser.add_argument("--top_k", type=non_negative_int, default=0, help="0: no top-k filter")
+    parser.add_argument("--repetition_penalty", type=positive_float, default=None,
                         help=f"CTRL/HF rule; default {CARD_SAMPLING.repetition_penalty} when sampling, 1 with --greedy")
     parser.add_argument("--greedy", action="store_true", help="arg-max decoding")
     parser.add_argument("--seed", type=int, default=0)
@@ -445,21 +453,43 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=r"stop when this string appears (repeatable; escapes like \n are understood)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU")
-    parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK,
+    parser.add_argument("--chunk_size", type=positive_int, default=DEFAULT_CHUNK,
                         help="decode steps per jitted call: the streaming granularity")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    out = _Stdout()
     try:
-        return _run(args)
+        return _run(args, out)
     except JaxlmError as error:
+        out.end_line()  # an error after streamed text starts on a line of its own
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out.end_line()
+        return 130
 
 
-def _run(args) -> int:
+class _Stdout:
+    """Standard output that remembers whether its last line is unfinished."""
+
+    def __init__(self):
+        self.open_line = False
+
+    def write(self, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.open_line = not text.endswith("\n")
+
+    def end_line(self) -> None:
+        if self.open_line:
+            self.write("\n")
+
+
+def _run(args, out: _Stdout) -> int:
     import jaxlm
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -468,6 +498,9 @@ def _run(args) -> int:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         except OSError as error:
             raise ConfigError(f"--prompts_file {args.prompts_file}: {error.strerror}") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"--prompts_file {args.prompts_file}: not UTF-8 text (byte {error.start}); "
+                              "give a text file with one prompt per line") from None
     if not prompts:
         raise ConfigError("no prompt: give --prompt TEXT (repeatable) or --prompts_file FILE")
     penalty = args.repetition_penalty
@@ -482,30 +515,29 @@ def _run(args) -> int:
     lm = jaxlm.load(args.checkpoint, dtype=dtype, tokenizer=args.tokenizer)
     if lm.tokenizer is None:
         raise ConfigError(f"{args.checkpoint}: no tokenizer.json beside the checkpoint; pass --tokenizer PATH")
+    try:
+        stop = [codecs.decode(s, "unicode_escape") for s in args.stop]
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"--stop: a bad escape sequence ({error.reason}); write e.g. '\\n\\n'") from None
+    # Everything that can be refused is refused before the first character is printed.
+    check_prompts(lm.cfg, [lm.tokenizer.encode(p).ids for p in prompts], args.max_new_tokens)
 
     streaming = len(prompts) == 1
-
-    def on_text(row, piece):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
     if streaming:
-        sys.stdout.write(prompts[0])
-        sys.stdout.flush()
+        out.write(prompts[0])
+    counts: list[int] = []
     t0 = time.perf_counter()
     texts = generate_text(lm.model, lm.tokenizer, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                          seed=args.seed, stop=[codecs.decode(s, "unicode_escape") for s in args.stop],
-                          chunk_size=args.chunk_size,
-                          on_text=on_text if streaming else None)
+                          seed=args.seed, stop=stop, chunk_size=args.chunk_size, eos_id=lm.eos_id,
+                          on_text=(lambda row, piece: out.write(piece)) if streaming else None,
+                          new_token_counts=counts)
     seconds = time.perf_counter() - t0
     if streaming:
-        sys.stdout.write("\n")
+        out.write("\n")
     else:
         for prompt, text in zip(prompts, texts):
-            sys.stdout.write(f"{prompt}{text}\n\n")
-    sys.stdout.flush()
-    n_tokens = sum(len(lm.tokenizer.encode(t).ids) for t in texts)
-    print(f"[{len(prompts)} prompt(s), ~{n_tokens} new tokens in {seconds:.2f} s including compilation]",
+            out.write(f"{prompt}{text}\n\n")
+    print(f"[{len(prompts)} prompt(s), {sum(counts)} new tokens in {seconds:.2f} s including compilation]",
           file=sys.stderr)
     return 0
 

@@ -41,8 +41,9 @@ def lm_loss(model, tokens_BT1, *, chunk: int = 0, fused: bool = False, head_loss
     """Mean cross-entropy + ``z_weight`` x z-loss + the model's auxiliary losses of a ``[B, T+1]``
     token window.
 
-    Returns ``(loss, metrics)`` with the cross-entropy, z-loss, each auxiliary loss and metric
-    separately in metrics. ``head_loss`` defaults to the family's recipe
+    Returns ``(loss, metrics)`` with the cross-entropy (``ce``), the unweighted z term
+    (``log_z_sq``: the raw mean log²Z, or (mean log Z)², before ``z_weight``), each auxiliary loss
+    and metric separately in metrics. ``head_loss`` defaults to the family's recipe
     (``model.cfg.loss_terms()``). ``chunk`` > 0 computes the logits ``chunk`` positions at a time.
     ``fused`` computes the head's gradients in that same pass (the same loss and gradients; PaLM
     z-loss form only, the other form is computed unfused) and, with ``chunk`` 0, picks its own
@@ -72,7 +73,7 @@ def _head_loss(model, hidden_BTD, targets_BT, chunk, fused, head_loss: HeadLoss)
             hidden_BTD, table_VD, targets_BT, cap, z_weight, chunk, jnp.dtype(dtype))
         # Only the objective is differentiated; ce and z are reported.
         ce, z = jax.lax.stop_gradient(ce_sum) / count, jax.lax.stop_gradient(lse_sq_sum) / count
-        return objective / count, {"ce": ce, "z_loss": z}
+        return objective / count, {"ce": ce, "log_z_sq": z}
 
     if chunk and chunk < T:
         _check_chunk(chunk, T)
@@ -96,7 +97,7 @@ def _head_loss(model, hidden_BTD, targets_BT, chunk, fused, head_loss: HeadLoss)
     else:
         z = jnp.square(jnp.sum(lse_BT) / count)       # (mean lse)^2
     loss = ce + z_weight * z
-    return loss, {"ce": ce, "z_loss": z}
+    return loss, {"ce": ce, "log_z_sq": z}
 
 
 def _check_chunk(chunk: int, T: int) -> None:

@@ -1,11 +1,19 @@
-"""Training metrics: a progress bar on the console, a TensorBoard event log, a loss-curve PNG."""
+"""Training metrics: a progress bar on the console, a TensorBoard event log, a loss-curve PNG.
+
+Every logged metric is also appended to ``out_dir/metrics.jsonl`` and both logs are flushed as
+they are written, so that a run killed at any moment keeps what it logged. The plot is drawn from
+that file, i.e. from the whole run across every resume, not from this process's steps only.
+"""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 
 import tqdm
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class Monitor:
@@ -19,9 +27,15 @@ class Monitor:
                              # None: no bar when stdout is not a terminal (CI logs, nohup)
                              disable=None if enabled else True, file=sys.stdout, mininterval=1.0)
         self.writer = None
+        self.metrics_file = None
         if enabled:
             from tensorboardX import SummaryWriter  # imported here: only the writing process needs it
             self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+            path = self.out_dir / METRICS_FILE
+            torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+            self.metrics_file = open(path, "a", encoding="utf-8")
+            if torn:  # the last line of a killed run: end it, so that the next record stands alone
+                self.metrics_file.write("\n")
 
     def advance(self, step: int) -> None:
         self.bar.update(step - self.bar.n)
@@ -31,6 +45,12 @@ class Monitor:
             self.history.setdefault(f"{prefix}/{name}", []).append((step, float(value)))
             if self.writer:
                 self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
+        if self.writer:
+            self.writer.flush()
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps({"step": step, **{f"{prefix}/{k}": float(v) for k, v in metrics.items()}})
+                                    + "\n")
+            self.metrics_file.flush()
         if self.enabled and prefix == "train":
             shown = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm", "tokens_per_s", "mfu")
                      or k.startswith("lr")}
@@ -49,7 +69,9 @@ class Monitor:
             return None
         if self.writer:
             self.writer.close()
-        curves = {k: v for k, v in self.history.items() if k.endswith("/loss")}
+        if self.metrics_file:
+            self.metrics_file.close()
+        curves = {k: v for k, v in read_metrics(self.out_dir).items() if k.endswith("/loss")}
         if not curves:
             return None
         import matplotlib
@@ -67,6 +89,24 @@ class Monitor:
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return path
+
+
+def read_metrics(out_dir: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+    """Every metric the run logged, ``name -> [(step, value)]`` in step order. A step logged twice
+    (re-done after a kill, from the last checkpoint) counts once: its last value. A line cut by a
+    kill is skipped."""
+    path = pathlib.Path(out_dir) / METRICS_FILE
+    series: dict[str, dict[int, float]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                step = int(record.pop("step"))
+            except (ValueError, KeyError, TypeError):
+                continue
+            for name, value in record.items():
+                series.setdefault(name, {})[step] = float(value)
+    return {name: sorted(points.items()) for name, points in series.items()}
 
 
 def _short(value: float) -> str:

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm import config as C
 from jaxlm import hardware, sharding
-from jaxlm.errors import JaxlmError
+from jaxlm.errors import ArgumentParser, CheckpointError, JaxlmError
 from jaxlm.loss import lm_loss
 from jaxlm.models import family, family_of
 from jaxlm.models.family import Buffer
@@ -122,14 +122,28 @@ def make_eval_step(graphdef):
 
 def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
     """Train ``cfg``; returns a dict with the final step, losses and output paths."""
-    from jaxlm import data  # the data stack (grain, tokenizers) is only needed to train
-    from jaxlm import checkpoint  # Orbax and grain too: jaxlm.bench builds the step without them
+    from jaxlm import checkpoint  # Orbax and grain: jaxlm.bench builds the step without them
 
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
     is_main = jax.process_index() == 0
     ckpt = checkpoint.Checkpointer(cfg)
-    ckpt.check_config()
+    try:
+        ckpt.check_config(record=False)
+        done = ckpt.latest_step() if cfg.resume else None
+        if done is not None and done >= t.steps:
+            # Nothing to train: leave the directory exactly as it is (no new log, plot or sample).
+            return {"step": done, "out_dir": str(ckpt.out_dir), "preempted": False, "done": True}
+        ckpt.record_config()
+        return _train(cfg, ckpt, mesh, is_main, init_from)
+    finally:
+        ckpt.close()  # also on an error: no Orbax thread outlives the run
+
+
+def _train(cfg: C.Config, ckpt, mesh, is_main: bool, init_from: str | None) -> dict:
+    from jaxlm import data  # the data stack (grain, tokenizers) is only needed to train
+
+    t = cfg.train
     monitor = Monitor(ckpt.out_dir, t.steps, enabled=is_main)
 
     tokenizer = data.load_tokenizer_for(cfg.data, vocab_size=cfg.model.vocab_size)
@@ -200,7 +214,7 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
 
         ckpt.save(step, state, train_iter)  # the final step, or the step at which a signal arrived
         ckpt.wait()
-        result = {"step": step, "out_dir": str(ckpt.out_dir), "preempted": stop["now"]}
+        result = {"step": step, "out_dir": str(ckpt.out_dir), "preempted": stop["now"], "signal": stop["signal"]}
         if not stop["now"]:
             result["eval_loss"] = evaluate(cfg, eval_fn, state, tokenizer, mesh)
             result["unigram_loss"] = unigram_baseline(cfg, tokenizer)
@@ -212,11 +226,11 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
                            if jax.process_count() > 1 else jax.device_get(weights))
             if t.sample_prompt and is_main:
                 model = merge_model(graphdef, weights["params"], weights.get("buffers"))
-                result["sample"] = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, cfg.seed)
+                result["sample"] = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, cfg.seed,
+                                               eos_token=cfg.data.eos_token)
                 monitor.print(f"sample: {t.sample_prompt}{result['sample']}")
         else:
             monitor.print(f"stopped by signal at step {step}; checkpoint saved, re-run the same command to resume")
-    ckpt.close()
     png = monitor.close()
     result["loss_png"] = str(png) if png else None
     return result
@@ -236,12 +250,12 @@ def scalar_metrics(metrics: dict) -> dict:
 
 def _install_signal_handlers() -> dict:
     """SIGTERM / SIGINT (preemption notices) ask the loop to stop after the current step."""
-    stop = {"now": False}
+    stop = {"now": False, "signal": None}
 
     def handler(signum, frame):
         if stop["now"]:           # a second Ctrl-C: leave at once
             raise KeyboardInterrupt
-        stop["now"] = True
+        stop["now"], stop["signal"] = True, signum
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
@@ -276,9 +290,9 @@ def unigram_baseline(cfg: C.Config, tokenizer, train_batches: int = 50) -> float
     return float(-np.mean(np.log(probs[tokens("heldout", cfg.train.eval_batches)])))
 
 
-def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
+def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int, eos_token: str = "") -> str:
     from jaxlm.generate import generate
-    eos = tokenizer.token_to_id("<|endoftext|>")
+    eos = tokenizer.token_to_id(eos_token) if eos_token else None
     ids = generate(model, tokenizer.encode(prompt).ids, max_new_tokens=max_new_tokens, seed=seed, eos_id=eos,
                    sampling=SamplingConfig(temperature=0.8, top_p=0.9, repetition_penalty=1.3))
     return tokenizer.decode(ids)
@@ -288,7 +302,7 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m jaxlm.train",
         description="Train a model. Override any config field with --config.SECTION.FIELD=VALUE.")
     parser.add_argument("--config", required=True, help="config name in configs/ (e.g. crowfeather.py) or a path")
@@ -297,21 +311,56 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return C.parse_args_with_overrides(parser, argv)
 
 
+def check_schedules(cfg: C.Config) -> None:
+    """The learning-rate schedules of ``cfg`` can be built (warmup against decay against steps):
+    a check between fields that ``--dry_run`` must catch, owned by the schedules themselves."""
+    from jaxlm.optim.schedules import schedule_from_config
+    schedule_from_config(cfg.optim, cfg.optim.lr, cfg.train.steps)
+
+
+def preflight_init_from(path: str) -> None:
+    """A missing, empty or damaged ``--init_from`` file is refused before the data is set up."""
+    import pathlib
+    from jaxlm import formats
+    source = formats.resolve(path, None)
+    if not source.exists():
+        raise CheckpointError(f"--init_from {path}: no such file or directory")
+    if source.is_file():
+        formats.read_checkpoint(source, with_optimizer=False)  # raises CheckpointError with the reason
+    elif not any(pathlib.Path(source).iterdir()):
+        raise CheckpointError(f"--init_from {path}: an empty directory, not a checkpoint")
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = C.load_config(args.config, overrides)
+        check_schedules(cfg)
         print(summary(cfg))
         if args.dry_run:
             return 0
+        if args.init_from:
+            preflight_init_from(args.init_from)
         sharding.initialize_distributed()
         result = train(cfg, init_from=args.init_from)
     except JaxlmError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: the checkpoint of the first may not be written
+        print("error: interrupted twice; the newest finished checkpoint is kept, re-run to resume", file=sys.stderr)
+        return 130
+    if result.get("done"):
+        print(f"{result['out_dir']} is already done: step {result['step']} of {cfg.train.steps} is saved; "
+              "nothing changed (raise --config.train.steps to train on, or --config.resume=false to start over)")
+        return 0
     if "eval_loss" in result:
         print(f"held-out loss {result['eval_loss']:.4f} (unigram baseline {result['unigram_loss']:.4f}); "
               f"checkpoints in {result['out_dir']}/checkpoints; loss curve {result['loss_png']}")
+    if result.get("preempted") and result.get("signal") == signal.SIGINT:
+        # Ctrl-C: the shell's convention (128 + SIGINT), so that a script running several commands
+        # stops too. SIGTERM is a preemption notice that was handled (the step is saved and the
+        # same command resumes it): a clean exit 0, which schedulers do not count as a failure.
+        return 130
     return 0
 
 

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from jaxlm.errors import ArgumentParser, non_negative_int, positive_float, positive_int
 from jaxlm.config import DataConfig, DataSource
 from jaxlm.data import tfds_builder
 from jaxlm.data.pipeline import make_batch_iterator
@@ -104,13 +105,13 @@ def run(seq_len: int, batch_size: int, seconds: float, workers: int, tokens: int
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxlm.data.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured time per case")
-    parser.add_argument("--workers", type=int, default=0, help="Grain worker processes (0: in-process)")
-    parser.add_argument("--read-threads", type=int, default=4, help="data.read_threads (document reading/tokenizing)")
-    parser.add_argument("--tokens", type=int, default=20_000_000, help="size of the pre-tokenized corpora")
+    parser = ArgumentParser(prog="python -m jaxlm.data.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--seq-len", type=positive_int, default=4096)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--seconds", type=positive_float, default=5.0, help="measured time per case")
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="Grain worker processes (0: in-process)")
+    parser.add_argument("--read-threads", type=positive_int, default=4, help="data.read_threads (document reading/tokenizing)")
+    parser.add_argument("--tokens", type=positive_int, default=20_000_000, help="size of the pre-tokenized corpora")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

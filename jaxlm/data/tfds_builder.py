@@ -27,7 +27,7 @@ from jaxlm.config import DataConfig, DataSource
 from jaxlm.data import sources
 from jaxlm.data.tfds_source import TOKENS, import_tfds
 from jaxlm.data.tokenizer import encode_batches, load_tokenizer, plain_text_encoder, tokenizer_file
-from jaxlm.errors import DataError, JaxlmError
+from jaxlm.errors import ArgumentParser, DataError, JaxlmError, non_negative_int
 
 log = logging.getLogger("jaxlm.data")
 
@@ -110,7 +110,7 @@ def prepare(source: str, tokenizer: str, name: str, data_dir: str, *, kind: str 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxlm.data.tfds_builder",
+    parser = ArgumentParser(prog="python -m jaxlm.data.tfds_builder",
                                      description="Tokenize a corpus into TFDS ArrayRecord shards.")
     parser.add_argument("--source", required=True, help="a file, directory, glob or hf://org/name (see docs/DATA.md)")
     parser.add_argument("--kind", default="auto")
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json")
     parser.add_argument("--name", required=True, help="the dataset's config name, e.g. fineweb_edu")
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--docs", type=int, default=0, help="stop after N documents (0: all)")
+    parser.add_argument("--docs", type=non_negative_int, default=0, help="stop after N documents (0: all)")
     parser.add_argument("--overwrite", action="store_true", help="prepare again even if it exists")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

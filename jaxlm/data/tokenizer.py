@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxlm.config import DataConfig, DataSource
 from jaxlm.data import sources, token_shards
-from jaxlm.errors import ConfigError, DataError, JaxlmError
+from jaxlm.errors import ArgumentParser, ConfigError, DataError, JaxlmError, non_negative_int, positive_int
 
 log = logging.getLogger("jaxlm.data")
 
@@ -387,6 +387,9 @@ def _data_config(args):
 def _cmd_train(args) -> None:
     cfg = _data_config(args)
     special = tuple(args.special) if args.special else (DEFAULT_EOS,)
+    if args.vocab_size < 256 + len(special):  # byte-level: every byte is a token before any merge
+        raise ConfigError(f"--vocab-size {args.vocab_size}: a byte-level BPE needs at least 256 + "
+                          f"{len(special)} special = {256 + len(special)} tokens")
     tokenizer = train_tokenizer(sources.training_texts(cfg, args.docs), args.vocab_size, special)
     path = save_tokenizer(tokenizer, args.out)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -401,7 +404,7 @@ def _cmd_encode(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxlm.data.tokenizer", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m jaxlm.data.tokenizer", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_source_args(p):
@@ -411,8 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     train = commands.add_parser("train", help="train a byte-level BPE on the first N documents of a source")
     add_source_args(train)
-    train.add_argument("--docs", type=int, default=100_000, help="documents to train on (in source order)")
-    train.add_argument("--vocab-size", type=int, default=8192)
+    train.add_argument("--docs", type=positive_int, default=100_000, help="documents to train on (in source order)")
+    train.add_argument("--vocab-size", type=positive_int, default=8192)
     train.add_argument("--special", action="append", help=f"special token (repeatable; default {DEFAULT_EOS})")
     train.add_argument("--out", required=True, help="tokenizer.json to write")
     train.set_defaults(run=_cmd_train)
@@ -423,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     encode.add_argument("--eos", default=DEFAULT_EOS, help="token appended after every document ('': none)")
     encode.add_argument("--lines", action="store_true",
                         help="encode each non-empty stripped line on its own (Llama Think's pretokenize layout)")
-    encode.add_argument("--docs", type=int, default=0, help="stop after N documents (0: all)")
+    encode.add_argument("--docs", type=non_negative_int, default=0, help="stop after N documents (0: all)")
     encode.add_argument("--dtype", choices=("uint16", "uint32"), default="uint16")
     encode.add_argument("--out", required=True, help=".bin (flat tokens) or .array_record (one record per doc)")
     encode.set_defaults(run=_cmd_encode)

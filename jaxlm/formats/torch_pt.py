@@ -301,6 +301,26 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
+# The first bytes of a torch < 1.6 file: a pickle (protocol 2) of the legacy magic number.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _not_a_zip(path: pathlib.Path) -> str:
+    """Why a file is no readable torch zip: empty, cut short, a legacy file, or something else."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if size == 0:
+        return "an empty file, not a torch checkpoint: the save or the copy did not finish; copy it again"
+    if head.startswith(b"PK\x03\x04"):
+        return (f"a damaged torch checkpoint ({size:,} bytes, the zip's directory is missing: truncated by an "
+                "interrupted save, download or copy); copy or download it again")
+    if head.startswith(_LEGACY_MAGIC):
+        return ("a torch < 1.6 legacy file, which is not supported: re-save it with a current torch "
+                "(torch.save(torch.load(path), path))")
+    return "not a torch checkpoint (no zip archive, no torch file of any version)"
+
+
 class _Records:
     """The records of a torch zip, memory-mapped where stored uncompressed."""
 
@@ -309,8 +329,7 @@ class _Records:
         try:
             self.zip = zipfile.ZipFile(path)
         except zipfile.BadZipFile:
-            raise CheckpointError(f"{path}: not a torch checkpoint (not a zip archive; torch < 1.6 legacy files "
-                                  "are not supported: re-save them with a current torch)") from None
+            raise CheckpointError(f"{path}: {_not_a_zip(path)}") from None
         names = self.zip.namelist()
         pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if not pickles:
