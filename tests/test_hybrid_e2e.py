@@ -118,9 +118,16 @@ def good_bin(root):
 def test_a_bad_bin_is_one_line_through_the_cli(tmp_path, capsys, good_bin, damage, needle):
     bad = tmp_path / "bad.bin"
     bad.write_bytes(damage(good_bin))
-    for verb in ("to-orbax", "to-bin"):
-        err = _cli_error(capsys, [verb, str(bad), str(tmp_path / ("out.bin" if verb == "to-bin" else "out"))])
+    for argv in (["to-orbax", str(bad), str(tmp_path / "out")], ["to-bin", str(bad), str(tmp_path / "out.bin")],
+                 ["inspect", str(bad)]):
+        err = _cli_error(capsys, argv)
         assert needle in err and "bad.bin" in err
+
+
+def test_inspect_shows_the_bin_as_the_lossy_model(root, capsys):
+    assert torch_port(["inspect", str(root / "model_v3.bin")]) == 0
+    out = capsys.readouterr().out
+    assert "lossy" in out and "family      hybrid" in out and "llama2c_lossy=True" in out
 
 
 def test_a_file_of_no_known_format_is_one_line(tmp_path, capsys):
@@ -279,3 +286,83 @@ def test_generate_from_the_ckpt_with_a_tokenizer_that_fits_is_greedy_decoding(al
         ids.append(int(np.argmax(logits[0, len(ids) - 1])))
     assert printed.startswith(prompt)
     assert tokenizer.decode(ids) in printed
+
+
+# ----------------------------------------------------------------------------- training through the CLI
+
+STEPS, EVERY = 8, 3
+OVERRIDES = ["--config.train.batch_size=2", "--config.train.seq_len=96", "--config.train.log_every=1",
+             "--config.train.eval_batches=1", "--config.train.sample_tokens=1",
+             "--config.data.tokenizer_train_docs=300", f"--config.checkpoint.every_steps={EVERY}"]
+
+
+def _env():
+    import os
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+
+
+def _train(out_dir, cache, *extra, steps=STEPS):
+    import sys
+    return [sys.executable, "-m", "jaxlm.train", "--config", "llama_think_tiny.py", *OVERRIDES,
+            f"--config.train.steps={steps}", f"--config.out_dir={out_dir}", f"--config.data.cache_dir={cache}", *extra]
+
+
+def _steps(log: str) -> dict[int, str]:
+    return {int(line.split()[2].rstrip(":")): line for line in log.splitlines() if line.startswith("train step ")}
+
+
+def _final(out_dir):
+    from flax import nnx
+
+    from jaxlm.checkpoint import restore_run
+    from jaxlm.formats.converted import flatten
+    _, state = restore_run(out_dir)
+    return {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(state["params"])).items()}, int(state["step"])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("tokenizer_cache")
+
+
+@pytest.mark.slow
+def test_train_init_from_the_ckpt_continues_at_its_iteration(root, tmp_path, cache):
+    import subprocess
+    REPO = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run(_train(tmp_path / "run", cache, "--init_from", str(root / "ckpt.pt"), steps=4),
+                         capture_output=True, text=True, cwd=REPO, env=_env(), timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "parameters and optimizer state at step 2" in out.stdout
+    assert sorted(_steps(out.stdout)) == [3, 4]          # iter_num 2 done: the next step is the third
+    assert _final(tmp_path / "run")[1] == 4
+
+
+@pytest.mark.slow
+def test_train_is_sigkilled_and_resumes_bit_identically(tmp_path, cache):
+    """The tiny config from scratch: one run straight through, one killed past a save and resumed."""
+    import signal
+    import subprocess
+    REPO = pathlib.Path(__file__).resolve().parents[1]
+    reference = subprocess.run(_train(tmp_path / "reference", cache), capture_output=True, text=True, cwd=REPO,
+                               env=_env(), timeout=600)
+    assert reference.returncode == 0, (reference.stdout + reference.stderr)[-3000:]
+    killed = subprocess.Popen(_train(tmp_path / "killed", cache), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    for line in killed.stdout:   # past the save of step 6 (every 3)
+        if line.startswith("train step 7:"):
+            killed.send_signal(signal.SIGKILL)
+            break
+    killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = subprocess.run(_train(tmp_path / "killed", cache), capture_output=True, text=True, cwd=REPO,
+                             env=_env(), timeout=600)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, (resumed.stdout + resumed.stderr)[-3000:]
+    want, step = _final(tmp_path / "reference")
+    got, again = _final(tmp_path / "killed")
+    assert step == again == STEPS and got.keys() == want.keys()
+    for name in want:
+        assert got[name].tobytes() == want[name].tobytes(), name
+    lines, redone = _steps(reference.stdout), _steps(resumed.stdout)
+    # Resumed after the last save that was complete when the kill came (step 6's may still have been written).
+    assert min(redone) in (EVERY + 1, 2 * EVERY + 1) and max(redone) == STEPS
+    assert all(redone[n].split("tokens_per_s")[0] == lines[n].split("tokens_per_s")[0] for n in redone)

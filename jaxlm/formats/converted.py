@@ -676,9 +676,9 @@ def native_formats(family: str | None = None) -> list[tuple[str, str, Any]]:
             for suffix, fmt in getattr(names, "NATIVE_FORMATS", {}).items()]
 
 
-def _from_native(path: pathlib.Path, key_map, overrides, family) -> Converted:
-    """A family's own file format (a llama2.c model.bin...): the format that recognises the file, else
-    the one its suffix names (which then says what is wrong with it)."""
+def native_format_of(path: pathlib.Path, family: str | None = None) -> tuple[str, Any]:
+    """``(family, format module)`` for a family's own file format (a llama2.c model.bin...): the format
+    that recognises the file, else the one its suffix names (whose reader then says what is wrong)."""
     formats = native_formats(family)
     found = [f for f in formats if f[2].matches(path)] or [f for f in formats if f[1] == path.suffix]
     if len(found) != 1:
@@ -687,6 +687,11 @@ def _from_native(path: pathlib.Path, key_map, overrides, family) -> Converted:
         raise CheckpointError(f"{path}: {what}" + (f", nor a family's own format ({known})" if known and not found
                                                    else "; name the family with --family"))
     name, _, fmt = found[0]
+    return name, fmt
+
+
+def _from_native(path: pathlib.Path, key_map, overrides, family) -> Converted:
+    name, fmt = native_format_of(path, family)
     conv = from_torch_object(fmt.read_object(path), str(path), key_map=key_map, overrides=overrides, family=name)
     conv.notes.append(fmt.NOTE)
     return conv

@@ -60,8 +60,10 @@ def inspect(path, *, key_map=None, overrides=(), family=None) -> str:
         if "cfg" in metadata:
             import json
             top["cfg"] = json.loads(metadata["cfg"])
-    else:
-        top = torch_pt.load(path)  # raises the "not a checkpoint" error
+    else:  # a family's own format (a llama2.c model.bin), or the "not a checkpoint" error
+        family, fmt = converted.native_format_of(path, family)
+        top = fmt.read_object(path)
+        lines.append(f"note        {fmt.NOTE}")
     an = converted.analyze(top, str(path), key_map=key_map, overrides=overrides, family=family)
     if isinstance(top, dict) and an.model_key is not None:
         for key, value in top.items():
