@@ -2,6 +2,7 @@
 resume bit for bit (router biases included), and the same losses on one device, on an experts x data
 mesh and on fsdp=8 of fake CPU devices."""
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -96,7 +97,7 @@ def runs(tmp_path_factory):
 
 
 def test_router_metrics_are_logged_per_expert(runs):
-    _, logs = runs
+    root, logs = runs
     lines = step_lines(logs["reference"])
     assert sorted(lines) == list(range(1, STEPS + 1))
     for line in lines.values():
@@ -104,6 +105,15 @@ def test_router_metrics_are_logged_per_expert(runs):
         assert abs(sum(load) - 1.0) < 2e-3 and min(load) > 0     # fractions of the routed slots
         assert 0 < metric(line, "router_entropy") <= np.log(4) + 1e-3
         assert "balance" not in line   # upstream has no balance loss (SPEC 3.9)
+    # The same vectors in metrics.jsonl and TensorBoard, one scalar series per expert.
+    from jaxlm.monitor import read_metrics
+    series = read_metrics(root / "reference")
+    for name in (*(f"expert_load/{e}" for e in range(4)), "router_entropy"):
+        assert [step for step, _ in series[f"train/{name}"]] == list(range(1, STEPS + 1)), name
+    if importlib.util.find_spec("tensorboardX") is None:   # the monitor writes TensorBoard only with it
+        return
+    events = b"".join(f.read_bytes() for f in (root / "reference" / "tensorboard").rglob("events.out.tfevents*"))
+    assert all(f"expert_load/{e}".encode() in events for e in range(4)) and b"router_entropy" in events
 
 
 def test_sigkill_and_resume_is_bit_identical_buffers_included(runs):
@@ -145,7 +155,6 @@ def test_experts_are_split_over_the_experts_axis():
     from jaxlm import config as C
     from jaxlm import sharding
     from jaxlm.state import plan_state
-    import importlib.util
     spec = importlib.util.spec_from_file_location("nanowhale_tiny", REPO / "configs" / "nanowhale_tiny.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
