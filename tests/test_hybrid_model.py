@@ -392,3 +392,29 @@ def test_gradients_are_finite_under_jit(dtype):
     leaves = jax.tree.leaves(grads)
     assert np.isfinite(float(value)) and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert sum(float(jnp.abs(g).sum()) > 0 for g in leaves) == len(leaves)
+
+
+def test_llama2c_lossy_mode_is_the_model_without_csa_and_scales_cached_and_uncached(golden):
+    """``llama2c_lossy=True`` keeps every parameter but computes what run.c computes from a model.bin:
+    the model whose CSA layers are full attention and whose residuals are plain sums, also through
+    the decode cache (rows past the 64-token window, the GDN chunk edge at 64 crossed by the prefill)."""
+    import dataclasses
+    _, ck, cfg, _ = golden
+    params = fh.params_from_state_dict(ck["model"], cfg)
+    lossy = _load(dataclasses.replace(cfg, llama2c_lossy=True), params)
+    plain_cfg = dataclasses.replace(cfg, hyper_connections=False,
+                                    layer_types=tuple("full" if k == "csa" else k for k in cfg.layer_types))
+    plain_shapes = fh.param_shapes(plain_cfg)
+    plain = _load(plain_cfg, {k: v for k, v in params.items() if k in plain_shapes})
+    rng = np.random.default_rng(5)
+    rows = [rng.integers(0, cfg.vocab_size, n) for n in (72, 69)]
+    ids = np.stack([np.pad(r, (0, 72 - len(r))) for r in rows]).astype(np.int32)
+    run = lambda model: np.asarray(jax.jit(lambda s, x: nnx.merge(nnx.graphdef(model), s)(x))(nnx.state(model), ids))
+    want, got = run(plain), run(lossy)
+    assert np.abs(got - want).max() <= 1e-5
+    assert np.abs(run(_load(cfg, params)) - got).max() > 1e-2   # the switch changes the function
+    steps = 4
+    cached, starts, prompt_len = _cached_logits(lossy, rows, steps)
+    for b in range(len(rows)):
+        first = prompt_len - 1 - starts[b]
+        assert np.abs(cached[b] - want[b, first:first + steps + 1]).max() <= 1e-5, b

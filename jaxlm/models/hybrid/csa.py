@@ -64,9 +64,10 @@ class CompressedSparseAttention(GatedAttention):
 
     def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
-        self.window = cfg.csa_local_window
-        # llama2c_lossy: the layer runs as the full attention run.c makes of it (the compressors unused).
+        # llama2c_lossy: the layer runs as the full attention run.c makes of it (the compressors unused;
+        # no window either, which GatedAttention's cached paths read from ``self.window``).
         self.as_full = cfg.llama2c_lossy
+        self.window = None if self.as_full else cfg.csa_local_window
         kv = cfg.n_kv_heads * cfg.head_size
         self.compress_k = layers.dense(kv, kv, ("kv", "kv"), dtype=dtype, rngs=rngs)
         self.compress_v = layers.dense(kv, kv, ("kv", "kv"), dtype=dtype, rngs=rngs)
