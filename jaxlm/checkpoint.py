@@ -226,7 +226,8 @@ def restore_run(run_dir: str | pathlib.Path, step: int | None = None):
     plan = plan_state(cfg, mesh)
     if not (run_dir / "checkpoints").is_dir():
         raise CheckpointError(f"{run_dir} has no checkpoints/ folder: train it first (python -m jaxlm.train)")
-    manager = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        read_only=True, save_interval_steps=0, create=False))
     try:
         steps = sorted(manager.all_steps())
         if step is not None and step not in steps:
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--bf16", action="store_true", help="store bfloat16 weights (half the size)")
     export.add_argument("--step", type=non_negative_int, help="a given checkpoint step (default: the newest)")
     args = parser.parse_args(argv)
+    import logging
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only managers are not the user's
     try:
         dst = export_inference(args.run_dir, args.dst, dtype="bfloat16" if args.bf16 else "float32", step=args.step)
     except JaxlmError as error:

@@ -29,8 +29,7 @@ class Monitor:
         self.writer = None
         self.metrics_file = None
         if enabled:
-            from tensorboardX import SummaryWriter  # imported here: only the writing process needs it
-            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+            self.writer = _EventFile(self.out_dir / "tensorboard")
             path = self.out_dir / METRICS_FILE
             torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
             self.metrics_file = open(path, "a", encoding="utf-8")
@@ -46,7 +45,7 @@ class Monitor:
             if self.writer:
                 self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
         if self.writer:
-            self.writer.flush()
+            self.writer.flush()  # on disk now: a kill -9 keeps every logged step
         if self.metrics_file:
             self.metrics_file.write(json.dumps({"step": step, **{f"{prefix}/{k}": float(v) for k, v in metrics.items()}})
                                     + "\n")
@@ -89,6 +88,35 @@ class Monitor:
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return path
+
+
+class _EventFile:
+    """A TensorBoard event file written synchronously (tensorboardX's SummaryWriter queues events
+    for a background thread, so that its flush() does not put the newest ones on disk)."""
+
+    def __init__(self, directory: pathlib.Path):
+        import socket
+        import time
+        from tensorboardX.record_writer import RecordWriter  # only the writing process needs it
+        directory.mkdir(parents=True, exist_ok=True)
+        self.file = RecordWriter(str(directory / f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}"))
+        self._write(file_version="brain.Event:2")
+        self.flush()
+
+    def _write(self, **fields) -> None:
+        import time
+        from tensorboardX.proto.event_pb2 import Event
+        self.file.write(Event(wall_time=time.time(), **fields).SerializeToString())
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX.proto.summary_pb2 import Summary
+        self._write(step=int(step), summary=Summary(value=[Summary.Value(tag=tag, simple_value=float(value))]))
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def read_metrics(out_dir: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:

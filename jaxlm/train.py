@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if result.get("done"):
         print(f"{result['out_dir']} is already done: step {result['step']} of {cfg.train.steps} is saved; "
-              "nothing changed (raise --config.train.steps to train on, or --config.resume=false to start over)")
+              "nothing changed (--config.resume=false starts over, keeping these checkpoints aside)")
         return 0
     if "eval_loss" in result:
         print(f"held-out loss {result['eval_loss']:.4f} (unigram baseline {result['unigram_loss']:.4f}); "

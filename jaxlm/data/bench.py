@@ -85,6 +85,7 @@ def run(seq_len: int, batch_size: int, seconds: float, workers: int, tokens: int
     lengths = rng.integers(200, 1800, tokens // 1000)  # documents of ~1,000 tokens, like FineWeb-edu
     write_token_array_record(os.path.join(folder, "docs.array_record"),
                              (rng.integers(1, vocab_size, n) for n in lengths))
+    tfds_builder.quiet_tfds()  # the table is the output, not TFDS's progress bars
     tfds_spec = tfds_builder.prepare(os.path.join(folder, "text.jsonl"), tok_path, "bench", os.path.join(folder, "tfds"))
 
     common = dict(num_workers=workers, read_threads=read_threads, heldout_fraction=0.01,

@@ -100,6 +100,10 @@ def prepare(source: str, tokenizer: str, name: str, data_dir: str, *, kind: str 
     if not re.fullmatch(r"[a-z0-9_\-.]+", name):
         raise DataError(f"TFDS name {name!r}: use lower-case letters, digits, '_', '-' and '.'")
     vocab = load_tokenizer(tokenizer, eos_token=None).get_vocab_size(with_added_tokens=True)
+    # The source is opened here (its first document read), so that a missing or unreadable one is
+    # reported before TFDS starts preparing.
+    next(iter(sources.training_texts(DataConfig(source=DataSource(source, kind=kind), text_column=text_column), 1)),
+         None)
     builder_cls, config_cls = _builder_class()
     config = config_cls(name=name, source=source, kind=kind, text_column=text_column, tokenizer=tokenizer,
                         dtype="uint16" if vocab <= 2**16 else "uint32", max_docs=max_docs)
@@ -107,6 +111,14 @@ def prepare(source: str, tokenizer: str, name: str, data_dir: str, *, kind: str 
     mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
     return f"tfds:{BUILDER_NAME}/{name}"
+
+
+def quiet_tfds() -> None:
+    """No TFDS progress bars and "Downloading and preparing" lines on a command line's console:
+    the command prints its own one-line result."""
+    import_tfds().disable_progress_bar()
+    for name in ("absl", "tensorflow_datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv=None) -> int:
@@ -121,12 +133,17 @@ def main(argv=None) -> int:
     parser.add_argument("--docs", type=non_negative_int, default=0, help="stop after N documents (0: all)")
     parser.add_argument("--overwrite", action="store_true", help="prepare again even if it exists")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("jaxlm.data").setLevel(logging.INFO)
     try:
+        quiet_tfds()
         spec = prepare(args.source, args.tokenizer, args.name, args.data_dir, kind=args.kind,
                        text_column=args.text_column, max_docs=args.docs, overwrite=args.overwrite)
     except JaxlmError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a data directory that cannot be written
+        print(f"error: {e.filename or args.data_dir}: {e.strerror or e}; choose another --data-dir", file=sys.stderr)
         return 2
     print(f"prepared {spec} in {args.data_dir}; use DataSource({spec!r}) with data.tfds_data_dir={args.data_dir!r}")
     return 0

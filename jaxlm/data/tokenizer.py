@@ -438,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JaxlmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # --out in a folder that does not exist or cannot be written
+        print(f"error: {e.filename or args.out}: {e.strerror or e}; check --out", file=sys.stderr)
+        return 2
     return 0
 
 
