@@ -17,19 +17,6 @@ from flax import nnx
 from jaxlm.models import kv_cache, layers
 
 
-class OnePlusRMSNorm(nnx.Module):
-    """RMSNorm whose scale is ``1 + w`` (weight zero-initialised), statistics in float32."""
-
-    def __init__(self, dim: int, eps: float):
-        self.eps = eps
-        self.w = nnx.Param(jnp.zeros((dim,), jnp.float32), out_sharding=("norm",))
-
-    def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * (1.0 + self.w[...])).astype(x.dtype)
-
-
 def partial_rope(x_BTHK, positions_BT, *, rotary_dim: int, theta: float):
     """RoPE on the first ``rotary_dim`` channels (frequencies ``theta^(-2i/rotary_dim)``); the rest pass."""
     rotated = layers.rope(x_BTHK[..., :rotary_dim], positions_BT, theta=theta, pairing="rotate_half")
@@ -74,8 +61,8 @@ class GatedAttention(nnx.Module):
         self.wv = layers.dense(D, G * d, ("embed", "kv"), dtype=dtype, rngs=rngs)
         self.wo = layers.dense(H * d, D, ("heads", "embed"), dtype=dtype, rngs=rngs)
         self.wo.kernel[...] = self.wo.kernel[...] / math.sqrt(2 * cfg.n_layers)   # upstream's residual init
-        self.q_norm = OnePlusRMSNorm(d, cfg.norm_eps)
-        self.k_norm = OnePlusRMSNorm(d, cfg.norm_eps)
+        self.q_norm = layers.RMSNorm(d, cfg.norm_eps, offset=1.0)
+        self.k_norm = layers.RMSNorm(d, cfg.norm_eps, offset=1.0)
 
     def rotate(self, x, positions):
         return partial_rope(x, positions, rotary_dim=self.cfg.rotary_dim, theta=self.cfg.rope_base)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.models import family, layers
-from jaxlm.models.hybrid.attention import GatedAttention, OnePlusRMSNorm, PrefillContext
+from jaxlm.models.hybrid.attention import GatedAttention, PrefillContext
 from jaxlm.models.hybrid.config import HybridConfig
 from jaxlm.models.hybrid.csa import CompressedSparseAttention
 from jaxlm.models.hybrid.gdn import GatedDeltaNet
@@ -25,9 +25,9 @@ MIXERS = {"linear": GatedDeltaNet, "csa": CompressedSparseAttention, "full": Gat
 class Block(nnx.Module):
     def __init__(self, cfg: HybridConfig, kind: str, *, dtype, rngs: nnx.Rngs):
         self.kind = kind
-        self.attention_norm = OnePlusRMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = layers.RMSNorm(cfg.dim, cfg.norm_eps, offset=1.0)
         self.attention = MIXERS[kind](cfg, dtype=dtype, rngs=rngs)
-        self.ffn_norm = OnePlusRMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = layers.RMSNorm(cfg.dim, cfg.norm_eps, offset=1.0)
         self.feed_forward = layers.SwiGLU(cfg.dim, cfg.ffn_dim, dtype=dtype, rngs=rngs)
         # The upstream init redraws w3 (the linear "up" branch, not w2) with std 0.02 / sqrt(2 L).
         self.feed_forward.up.kernel[...] = self.feed_forward.up.kernel[...] / math.sqrt(2 * cfg.n_layers)
@@ -84,7 +84,7 @@ class HybridLM(nnx.Module):
             embedding_init=nnx.with_partitioning(nnx.initializers.normal(layers.INIT_STD), ("vocab", "embed")),
             rngs=rngs)
         self.blocks = nnx.List([Block(cfg, kind, dtype=dtype, rngs=rngs) for kind in cfg.layer_types])
-        self.norm = OnePlusRMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = layers.RMSNorm(cfg.dim, cfg.norm_eps, offset=1.0)
 
     def _embed_tokens(self, ids):
         # The residual stream stays float32 whatever the compute dtype (as under torch autocast).
