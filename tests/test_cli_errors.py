@@ -150,7 +150,7 @@ def _rows():
         add(f"tokenizer-train-source-{bad}", "jaxlm.data.tokenizer", "train", "--source", f"{{{bad}}}",
             "--out", "{out}/tok.json")
     add("tokenizer-encode-docs=-1", "jaxlm.data.tokenizer", *enc, "--tokenizer", "{good_tok}", "--docs", "-1")
-    for value in ("0", "abc", "300"):  # 300 < 256 bytes + 1 special: refused before reading
+    for value in ("0", "abc", "200"):  # 200 < 256 bytes + 1 special: refused before reading
         add(f"tokenizer-train-vocab={value}", "jaxlm.data.tokenizer", "train", "--source", "{text}",
             "--vocab-size", value, "--out", "{out}/tok.json")
     add("tokenizer-no-command", "jaxlm.data.tokenizer")
@@ -208,13 +208,14 @@ def _run(module: str, args: tuple[str, ...], cwd: pathlib.Path) -> subprocess.Co
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, request):
     pytest.importorskip("torch")  # the tools.torch_port rows and the .pt writer's round trips
     root = tmp_path_factory.mktemp("cli_errors")
     F.update(_make_files(root))
     cwd = REPO  # `--config quickstart.py` is found in configs/
+    selected = {item.callspec.id for item in request.session.items if hasattr(item, "callspec")}  # -k works
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {p.id: pool.submit(_run, *p.values, cwd) for p in ROWS}
+        futures = {p.id: pool.submit(_run, *p.values, cwd) for p in ROWS if p.id in selected}
         return {name: f.result() for name, f in futures.items()}
 
 
@@ -228,3 +229,32 @@ def test_bad_input_ends_in_one_line(results, request, module, args):
     assert proc.returncode == 2, where
     assert len(stderr_lines) == 1, where
     assert stderr_lines[0].startswith("error: "), where
+
+
+def test_generation_ends_at_the_tokenizers_own_eos_without_grain(tmp_path):
+    """A tokenizer without ``<|endoftext|>`` (SentencePiece's ``</s>``, DeepSeek's) names its EOS in
+    ``tokenizer_config.json``: ``jaxlm.load`` finds it (``lm.eos_id``), in a process without Grain."""
+    pytest.importorskip("tokenizers")
+    from jaxlm import formats
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_formats_hf import toylm_conv
+
+    formats.write_checkpoint(toylm_conv(), tmp_path / "model.pt")
+    tok = _tokenizer(VOCAB)
+    vocab = tok.get_vocab()
+    assert "</s>" not in vocab
+    # the same ids, with "</s>" in place of "<|endoftext|>" at id 0
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    renamed = {("</s>" if k == "<|endoftext|>" else k): v for k, v in vocab.items()}
+    sp_like = Tokenizer(models.WordLevel(renamed, unk_token="[UNK]"))
+    sp_like.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    sp_like.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w7", "bos_token": "</s>"}))
+    code = ("import sys, jaxlm; lm = jaxlm.load(sys.argv[1]); "
+            "print(lm.eos_id, lm.tokenizer.token_to_id('w7'), 'grain' in sys.modules)")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.pt")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    eos_id, expected, grain_loaded = done.stdout.split()
+    assert eos_id == expected and grain_loaded == "False"
