@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.errors import CheckpointError
+from jaxlm.errors import CheckpointError, JaxlmError
 from jaxlm.models import build_model
 
 
@@ -73,8 +74,14 @@ def _find_tokenizer(path: pathlib.Path, explicit, vocab_size: int):
         candidates = [folder / name for folder in (base, base.parent.parent)  # run/checkpoints/<step>
                       for name in (tok.TOKENIZER_JSON, tok.SENTENCEPIECE_MODEL)]
     for candidate in candidates:
-        if candidate.is_file():
+        if not candidate.is_file():
+            continue
+        if explicit:
             return tok.load_tokenizer(candidate, vocab_size=vocab_size, eos_token=None), candidate
+        try:   # only found beside the checkpoint: one that does not fit is not this model's
+            return tok.load_tokenizer(candidate, vocab_size=vocab_size, eos_token=None), candidate
+        except JaxlmError as error:
+            print(f"note: not using {candidate} as the tokenizer: {error}", file=sys.stderr)
     return None, None
 
 

@@ -46,7 +46,7 @@ def loss_and_grads(cfg, **options):
 def assert_same(a, b, rtol=2e-5):
     (loss_a, m_a, g_a), (loss_b, m_b, g_b) = a, b
     np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-6)
-    for key in ("ce", "z_loss"):
+    for key in ("ce", "log_z_sq"):
         np.testing.assert_allclose(float(m_a[key]), float(m_b[key]), rtol=1e-6)
     for x, y in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_b), strict=True):
         scale = float(jnp.max(jnp.abs(y)))
