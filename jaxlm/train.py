@@ -130,10 +130,6 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
     ckpt = checkpoint.Checkpointer(cfg)
     try:
         ckpt.check_config(record=False)
-        done = ckpt.latest_step() if cfg.resume else None
-        if done is not None and done >= t.steps:
-            # Nothing to train: leave the directory exactly as it is (no new log, plot or sample).
-            return {"step": done, "out_dir": str(ckpt.out_dir), "preempted": False, "done": True}
         ckpt.record_config()
         return _train(cfg, ckpt, mesh, is_main, init_from)
     finally:
