@@ -345,10 +345,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: the checkpoint of the first may not be written
         print("error: interrupted twice; the newest finished checkpoint is kept, re-run to resume", file=sys.stderr)
         return 130
-    if result.get("done"):
-        print(f"{result['out_dir']} is already done: step {result['step']} of {cfg.train.steps} is saved; "
-              "nothing changed (--config.resume=false starts over, keeping these checkpoints aside)")
-        return 0
     if "eval_loss" in result:
         print(f"held-out loss {result['eval_loss']:.4f} (unigram baseline {result['unigram_loss']:.4f}); "
               f"checkpoints in {result['out_dir']}/checkpoints; loss curve {result['loss_png']}")
