@@ -34,3 +34,13 @@ class Switch:
             yield value
         finally:
             self._var.reset(token)
+
+
+# The platform the code is compiled for: the default backend, except while ``--compile_for``
+# compiles a TPU program on a host without one (choices such as the attention kernel follow it).
+PLATFORM = Switch("target platform", ("cpu", "gpu", "tpu"))
+
+
+def target_platform() -> str:
+    import jax
+    return PLATFORM.get() or jax.default_backend()

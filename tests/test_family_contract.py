@@ -314,7 +314,7 @@ def test_plain_command_lines_find_an_out_of_tree_family(tmp_path):
     command = [sys.executable, "-m", "jaxlm.checkpoint", "export", str(fake_run), str(tmp_path / "d")]
     found = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env(), timeout=120)
     assert "unknown model family" not in found.stderr, found.stderr[-400:]
-    assert "no usable checkpoint" in found.stderr   # it got as far as the (empty) run's checkpoints
+    assert "has no checkpoints/ folder" in found.stderr   # it got as far as the (empty) run's checkpoints
     lost = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env(JAXLM_FAMILIES=""), timeout=120)
     assert lost.returncode == 2 and "Traceback" not in lost.stderr
     assert "unknown model family 'tinygpt'" in lost.stderr

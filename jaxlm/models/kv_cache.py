@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jaxlm.switches import Switch
+from jaxlm.switches import Switch, target_platform
 
 # Stands for -inf in masked scores: exp() of it is 0, and it never makes NaN (as in jax.nn).
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -95,7 +95,7 @@ def attention_implementation(cache_BHSK) -> str:
     if IMPLEMENTATION.get():
         return IMPLEMENTATION.get()
     B, H, S, K = cache_BHSK.shape
-    if (jax.default_backend() == "gpu" and cache_BHSK.dtype in (jnp.bfloat16, jnp.float16)
+    if (target_platform() == "gpu" and cache_BHSK.dtype in (jnp.bfloat16, jnp.float16)
             and B * H >= PALLAS_MIN_ROW_HEADS and S % PALLAS_BLOCK == 0 and K in (16, 32, 64, 128, 256)):
         return "pallas"
     return "xla"

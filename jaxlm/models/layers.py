@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import REMAT_POLICIES
-from jaxlm.switches import Switch
+from jaxlm.switches import Switch, target_platform
 
 # Parameters carry logical axis names as metadata; they are placed on the mesh by
 # jaxlm/sharding.py after creation, not eagerly by Flax (which would need a mesh at
@@ -173,7 +173,7 @@ def attention_implementation(dtype) -> str:
     """cuDNN flash attention on GPU for half precision, XLA everywhere else."""
     if ATTENTION.get():
         return ATTENTION.get()
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    if target_platform() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "xla"
 
