@@ -36,7 +36,7 @@ def test_no_generic_module_imports_a_family():
 
 def test_no_family_file_sits_flat_in_models():
     flat = sorted(p.name for p in (ROOT / "jaxlm" / "models").iterdir() if p.is_file())
-    assert flat == ["__init__.py", "cuda_build.py", "family.py", "kv_cache.py", "layers.py"]
+    assert flat == ["__init__.py", "cuda_build.py", "family.py", "kv_cache.py", "layers.py", "splash.py"]
 
 
 def test_jaxlm_never_imports_tools():

@@ -166,13 +166,15 @@ def run_blocks(blocks, x, *args, remat: str = "none", scan: bool = False):
 
 
 # ``with ATTENTION.scope("xla"):`` forces an implementation (benchmarks time XLA's against cuDNN's).
-ATTENTION = Switch("attention implementation", ("xla", "cudnn"))
+ATTENTION = Switch("attention implementation", ("xla", "cudnn", "splash"))
 
 
 def attention_implementation(dtype) -> str:
-    """cuDNN flash attention on GPU for half precision, XLA everywhere else."""
+    """Splash attention on TPU, cuDNN flash attention on GPU for half precision, XLA elsewhere."""
     if ATTENTION.get():
         return ATTENTION.get()
+    if target_platform() == "tpu":
+        return "splash"
     if target_platform() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "xla"
@@ -183,13 +185,19 @@ def causal_attention(q_BTHK, k_BSHK, v_BSHK, *, window: int | None, implementati
 
     A query at position t sees keys t-window+1 ... t (``window`` keys including itself),
     which is ``local_window_size=(window - 1, 0)``. ``is_causal=True`` is always passed:
-    cuDNN given a window without it would let queries see the future.
+    cuDNN given a window without it would let queries see the future. Keys and values may
+    have fewer heads than queries (grouped-query attention), dividing them.
     """
     implementation = implementation or attention_implementation(q_BTHK.dtype)
     # Sequences and heads split, as the projections made them. cuDNN's partitioner refuses
     # query/key/value of different layouts, which Shardy's propagation produced under FSDP
     # when no activation was pinned (tests/test_sharding.py watches that check).
     q_BTHK, k_BSHK, v_BSHK = (constrain(x, "batch", "length", "act_heads", None) for x in (q_BTHK, k_BSHK, v_BSHK))
+    if implementation == "splash":
+        from jaxlm.models import splash   # Pallas' TPU kernels load only where they are used
+        # The real Mosaic kernel where the program is for a TPU, Pallas' interpreter elsewhere.
+        return splash.attention(q_BTHK, k_BSHK, v_BSHK, window=window, rules=ACTIVATION_RULES.get(),
+                                interpret=target_platform() != "tpu")
     return jax.nn.dot_product_attention(
         q_BTHK, k_BSHK, v_BSHK,
         scale=1.0 / math.sqrt(q_BTHK.shape[-1]),
