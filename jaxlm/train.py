@@ -130,7 +130,6 @@ def train(cfg: C.Config, *, init_from: str | None = None) -> dict:
     ckpt = checkpoint.Checkpointer(cfg)
     try:
         ckpt.check_config(record=False)
-        ckpt.record_config()
         return _train(cfg, ckpt, mesh, is_main, init_from)
     finally:
         ckpt.close()  # also on an error: no Orbax thread outlives the run
@@ -140,11 +139,9 @@ def _train(cfg: C.Config, ckpt, mesh, is_main: bool, init_from: str | None) -> d
     from jaxlm import data  # the data stack (grain, tokenizers) is only needed to train
 
     t = cfg.train
-    monitor = Monitor(ckpt.out_dir, t.steps, enabled=is_main)
+    say = print if is_main else (lambda text: None)
 
     tokenizer = data.load_tokenizer_for(cfg.data, vocab_size=cfg.model.vocab_size)
-    if is_main:  # kept with the run, so that jaxlm.load and the export find it
-        tokenizer.save(str(ckpt.out_dir / "tokenizer.json"))
     batch_rows = t.batch_size * t.grad_accum
     iterator_args = dict(seq_len=t.seq_len, batch_size=batch_rows, seed=cfg.seed,
                          process_index=jax.process_index(), process_count=jax.process_count())
@@ -154,14 +151,26 @@ def _train(cfg: C.Config, ckpt, mesh, is_main: bool, init_from: str | None) -> d
     graphdef, learning_rates = plan.graphdef, plan.learning_rates
 
     with sharding.use_mesh(mesh):
-        start_step, state, data_restored = ckpt.restore_latest(plan.abstract, train_iter, log=monitor.print)
+        start_step, state, data_restored = ckpt.restore_latest(plan.abstract, train_iter, log=say)
+        if state is not None and start_step >= t.steps:
+            # A finished run re-run: its newest checkpoint restored (a damaged one would have fallen
+            # back to an older step and trained on), so nothing is left to do and nothing is written.
+            say(f"{ckpt.out_dir} is already trained to step {start_step} of {t.steps}: nothing to do "
+                "(--config.resume=false trains it again, keeping this run aside)")
+            return {"step": start_step, "out_dir": str(ckpt.out_dir), "preempted": False, "done": True,
+                    "loss_png": None}
+        # From here on the run writes into its directory.
+        ckpt.record_config()
+        if is_main:  # kept with the run, so that jaxlm.load and the export find it
+            tokenizer.save(str(ckpt.out_dir / "tokenizer.json"))
+        monitor = Monitor(ckpt.out_dir, t.steps, enabled=is_main)
         if state is not None:
-            monitor.print(f"resumed from {ckpt.directory / str(start_step)}")
+            say(f"resumed from {ckpt.directory / str(start_step)}")
             if not data_restored:
                 # Saved by another number of processes: each process's stream is different
                 # now, so the best continuation is to skip as many batches as were consumed.
-                monitor.print(f"the data position was saved for another process count; skipping "
-                              f"{start_step} batches of the new pipeline to continue past them")
+                say(f"the data position was saved for another process count; skipping "
+                    f"{start_step} batches of the new pipeline to continue past them")
                 for _ in range(start_step):
                     next(train_iter)
         else:
@@ -203,7 +212,7 @@ def _train(cfg: C.Config, ckpt, mesh, is_main: bool, init_from: str | None) -> d
                 monitor.log(step, metrics)
                 window_start, window_steps = time.perf_counter(), 0
             monitor.advance(step)
-            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+            if t.eval_every and t.eval_batches and step % t.eval_every == 0 and step < t.steps:
                 monitor.log(step, {"loss": evaluate(cfg, eval_fn, state, tokenizer, mesh)}, prefix="eval")
             if ckpt.should_save(step):
                 ckpt.save(step, state, train_iter)
@@ -211,11 +220,12 @@ def _train(cfg: C.Config, ckpt, mesh, is_main: bool, init_from: str | None) -> d
         ckpt.save(step, state, train_iter)  # the final step, or the step at which a signal arrived
         ckpt.wait()
         result = {"step": step, "out_dir": str(ckpt.out_dir), "preempted": stop["now"], "signal": stop["signal"]}
-        if not stop["now"]:
+        if not stop["now"] and t.eval_batches:
             result["eval_loss"] = evaluate(cfg, eval_fn, state, tokenizer, mesh)
             result["unigram_loss"] = unigram_baseline(cfg, tokenizer)
             monitor.log(step, {"loss": result["eval_loss"], "unigram_baseline": result["unigram_loss"]},
                         prefix="eval")
+        if not stop["now"]:
             if t.sample_prompt:
                 weights = {k: state[k] for k in ("params", "buffers") if k in state}
                 weights = (multihost_utils.process_allgather(weights, tiled=True)
@@ -298,12 +308,18 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int, e
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    from jaxlm import tpu   # light: the names of TPU slices (JAX and libtpu load only to compile)
+
     parser = ArgumentParser(
         prog="python -m jaxlm.train",
         description="Train a model. Override any config field with --config.SECTION.FIELD=VALUE.")
     parser.add_argument("--config", required=True, help="config name in configs/ (e.g. crowfeather.py) or a path")
     parser.add_argument("--dry_run", action="store_true", help="print the model summary and exit")
     parser.add_argument("--init_from", help="initialise from a checkpoint (.pt, .safetensors or Orbax directory)")
+    parser.add_argument("--compile_for", metavar="TPU_SLICE",
+                        help="with --dry_run: compile the training step for this TPU slice on this host (no TPU "
+                             "needed, the [tpu] extra is), print its memory per chip and FLOPs, and say whether it "
+                             f"fits (exit status 0) or not (exit status {tpu.EXIT_DOES_NOT_FIT}). Slices: {tpu.known_names()}")
     return C.parse_args_with_overrides(parser, argv)
 
 
@@ -330,9 +346,17 @@ def preflight_init_from(path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        from jaxlm import tpu
+        if args.compile_for:
+            tpu.prepare_host()   # before anything starts a JAX backend
+            topology = tpu.resolve(args.compile_for)
         cfg = C.load_config(args.config, overrides)
         check_schedules(cfg)
         print(summary(cfg))
+        if args.compile_for:   # a dry run for a TPU slice: nothing is trained
+            report = tpu.compile_report(cfg, topology)
+            print(tpu.format_report(report))
+            return 0 if report.fits else tpu.EXIT_DOES_NOT_FIT
         if args.dry_run:
             return 0
         if args.init_from:
@@ -347,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if "eval_loss" in result:
         print(f"held-out loss {result['eval_loss']:.4f} (unigram baseline {result['unigram_loss']:.4f}); "
+              f"checkpoints in {result['out_dir']}/checkpoints; loss curve {result['loss_png']}")
+    elif not result.get("done") and not result.get("preempted"):
+        print(f"trained to step {result['step']} (train.eval_batches = 0: no held-out loss); "
               f"checkpoints in {result['out_dir']}/checkpoints; loss curve {result['loss_png']}")
     if result.get("preempted") and result.get("signal") == signal.SIGINT:
         # Ctrl-C: the shell's convention (128 + SIGINT), so that a script running several commands

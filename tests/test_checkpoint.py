@@ -7,6 +7,7 @@ kills and signals hit the real process.
 import os
 import pathlib
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,16 +157,33 @@ def test_a_different_config_on_the_same_directory_is_refused(tmp_path):
 def test_restore_on_another_device_count_and_mesh(tmp_path):
     config, out = write_config(tmp_path, "mesh", steps=10)
     train(config, "--config.mesh.data=1", "--config.mesh.fsdp=8")  # FSDP over 8 devices
-    saved, _ = final_params(out)
-    # Re-run on a single device and then on 4 x 2; both must pick up the step-10 state.
+    reference, _ = final_params(out)
+    # Re-run on a single device: the step-10 state restores there, and the run is finished.
+    before = sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*"))
     one = subprocess.run(command(config, "--config.mesh.data=1"), capture_output=True, text=True, cwd=REPO,
                          env=env(1), timeout=300)
-    assert one.returncode == 0 and "resumed from" in one.stdout, one.stderr[-2000:]
-    four_by_two = subprocess.run(command(config, "--config.mesh.data=4", "--config.mesh.fsdp=2"),
+    assert one.returncode == 0 and "already trained to step 10 of 10" in one.stdout, one.stderr[-2000:]
+    assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before   # nothing written
+    # A copy without its step-10 checkpoint resumes from step 5 on 4 x 2 and retrains the same steps.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "checkpoints" / "10")
+    four_by_two = subprocess.run(command(config, "--config.mesh.data=4", "--config.mesh.fsdp=2",
+                                         f"--config.out_dir={copy}"),
                                  capture_output=True, text=True, cwd=REPO, env=env(8), timeout=300)
-    assert four_by_two.returncode == 0 and "resumed from" in four_by_two.stdout, four_by_two.stderr[-2000:]
-    restored, _ = final_params(out)
-    assert_bit_identical(restored, saved)
+    assert four_by_two.returncode == 0, four_by_two.stderr[-2000:]
+    assert f"resumed from {copy / 'checkpoints' / '5'}" in four_by_two.stdout
+    retrained, step = final_params(copy)
+    assert step == 10 and retrained.keys() == reference.keys()
+    # Another mesh sums in another order, and five Muon steps amplify float32 rounding, so the
+    # bits differ; a wrong resume (state, schedule or data position) would miss by about as much
+    # as the five steps moved the weights. The continuation must land far closer than that.
+    _, at_5 = restore_run(out, step=5)
+    at_5 = {"/".join(map(str, k)): np.asarray(v) for k, v in
+            jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(at_5["params"]))}
+    for name in reference:
+        moved = np.linalg.norm(reference[name] - at_5[name])
+        assert np.linalg.norm(retrained[name] - reference[name]) < 0.05 * moved, name
 
 
 def test_inference_export_is_params_only(tmp_path):
@@ -216,7 +234,6 @@ def test_a_save_that_runs_out_of_space_leaves_the_previous_checkpoint_intact(tmp
     """Writes beyond a file-size limit fail (EFBIG) as they do on a full disk: the limit lets the
     run start (config and tokenizer files are small) but no checkpoint file fits."""
     import resource
-    import shutil
     config, out = write_config(tmp_path, "full_disk", steps=10, every=5)
     train(config)
     reference, _ = final_params(out)                      # step 10 of an undisturbed run

@@ -138,6 +138,14 @@ def test_kill_interrupt_move_copy_finish_and_rerun(tmp_path):
     a, b = (jax.tree.leaves(restore_run(d)[1]["params"]) for d in (moved, copy))
     assert all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(a, b, strict=True))
 
+    # 6. A finished run re-run: one line, exit 0, nothing in the directory changes.
+    before = _tree(moved)
+    again = _finish(config, moved)
+    assert [line for line in again.stdout.splitlines() if "already trained to step" in line], again.stdout
+    assert "resumed from" not in again.stdout and "held-out loss" not in again.stdout
+    assert again.stderr.strip() == "", again.stderr[-2000:]
+    assert _tree(moved) == before
+
 
 
 def test_the_plot_is_drawn_from_every_process_of_the_run(tmp_path, monkeypatch):
