@@ -14,6 +14,8 @@ background thread, so the train loop does not wait for the disk.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import pathlib
 import time
@@ -176,7 +178,8 @@ def restore_newest(manager, items_for, log=print, quarantine: pathlib.Path | Non
     """
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            return step, manager.restore(step, args=ocp.args.Composite(**items_for(step)))
+            with _draining_event_loops():
+                return step, manager.restore(step, args=ocp.args.Composite(**items_for(step)))
         except Exception as error:  # noqa: BLE001 - any failure means "not a usable checkpoint"
             path = pathlib.Path(manager.directory) / str(step)
             log(f"checkpoint {path} is damaged ({_first_line(error)}); falling back to an older one")
@@ -185,6 +188,46 @@ def restore_newest(manager, items_for, log=print, quarantine: pathlib.Path | Non
                 path.rename(quarantine / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
                 manager.reload()
     return None, None
+
+
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop that, closed with tasks still pending, first lets them finish.
+
+    Orbax restores a checkpoint as one ``asyncio.gather`` of TensorStore reads on a fresh loop, and
+    closes that loop as soon as the gather raises. In a damaged checkpoint the first bad array raises
+    while the other reads are still in flight; when they complete, TensorStore hands their results to
+    the closed loop, and each prints a traceback ("Event loop is closed", "Exception ignored in:
+    <coroutine ...>") long after the failure was reported and handled. Waiting for them first keeps
+    the fallback quiet (it costs at most the read a good checkpoint takes; bounded, so that a read
+    that never ends cannot hang the run); the failure itself still propagates from the gather.
+    """
+
+    DRAIN_SECONDS = 120.0
+
+    def close(self) -> None:
+        pending = asyncio.all_tasks(self)
+        if pending and not self.is_running() and not self.is_closed():
+            done, _ = self.run_until_complete(asyncio.wait(pending, timeout=self.DRAIN_SECONDS))
+            for task in done:  # their failures are the same damage, already reported: retrieved, not logged
+                if not task.cancelled():
+                    task.exception()
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _DrainingEventLoop()
+
+
+@contextlib.contextmanager
+def _draining_event_loops():
+    """Loops made meanwhile (Orbax makes one per restore) are ``_DrainingEventLoop``."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
 
 
 def _first_line(error: Exception) -> str:

@@ -608,3 +608,68 @@ def test_one_optimizer_with_muon_and_adamw_groups_in_any_order(tmp_path):
     formats.save_export(conv, tmp_path / "exp")
     formats.write_checkpoint(formats.read_checkpoint(tmp_path / "exp"), tmp_path / "back.pt")
     assert_same_tensors(torch.load(tmp_path / "k.pt"), torch.load(tmp_path / "back.pt", weights_only=True))
+
+
+# ----------------------------------------------------------------------------- what travels with a conversion
+
+
+def word_tokenizer(path, vocab_size):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
+
+
+def test_the_step_is_the_checkpoints_own_in_every_file_and_report(tmp_path, capsys):
+    """.pt, .safetensors and ``inspect`` of each say the source's step; a source without one (a bare
+    state_dict) gets none, not a made-up 0."""
+    from safetensors import safe_open
+    model = torch_model()
+    torch.save({"cfg": card_cfg(model), "model": model.state_dict(), "step": 7}, tmp_path / "a.pt")
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    for src, step in (("a.pt", 7), ("bare.pt", None)):
+        assert cli(["to-orbax", str(tmp_path / src), str(tmp_path / f"{src}.exp")]) == 0
+        for dst in (f"{src}.exp", f"{src}.back.pt", f"{src}.card.pt", f"{src}.st/model.safetensors", f"{src}.hf"):
+            naming = ["--naming", "hf"] if "card" in dst else []
+            if not dst.endswith(".exp"):
+                assert cli(["to-torch", str(tmp_path / f"{src}.exp"), str(tmp_path / dst), *naming]) == 0
+            assert formats.read_checkpoint(tmp_path / dst).step == step, dst
+            capsys.readouterr()
+            assert cli(["inspect", str(tmp_path / dst)]) == 0
+            steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+            assert steps == ([f"step        {step}"] if step is not None else []), (dst, steps)
+        with safe_open(tmp_path / f"{src}.st" / "model.safetensors", "np") as f:
+            assert f.metadata().get("step") == (None if step is None else str(step))
+        assert torch.load(tmp_path / f"{src}.card.pt", weights_only=True).get("step") == step
+
+
+def test_to_torch_writes_the_tokenizer_beside_the_pt(tmp_path, capsys):
+    """What to-torch writes and its tokenizer travel together: jaxlm.load finds it without being told;
+    a folder that holds another tokenizer is refused before anything is written."""
+    model = torch_model()
+    (tmp_path / "src").mkdir()
+    torch.save({"cfg": card_cfg(model), "model": model.state_dict(), "step": 3}, tmp_path / "src" / "a.pt")
+    word_tokenizer(tmp_path / "src" / "tokenizer.json", TINY["vocab_size"])
+    (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "t5"}))
+    assert cli(["to-orbax", str(tmp_path / "src" / "a.pt"), str(tmp_path / "exp")]) == 0
+    for dst in ("out/b.pt", "st/model.safetensors", "hf"):
+        assert cli(["to-torch", str(tmp_path / "exp"), str(tmp_path / dst)]) == 0
+        assert "tokenizer.json and tokenizer_config.json beside it" in capsys.readouterr().out
+        lm = jaxlm.load(tmp_path / dst)
+        assert lm.tokenizer.encode("t7 t9").ids == [7, 9] and lm.eos_id == 5, dst
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "src" / name).read_bytes()
+    # a second .pt of the same source into that folder is fine; a source with another tokenizer is not
+    assert cli(["to-torch", str(tmp_path / "exp"), str(tmp_path / "out" / "c.pt"), "--naming", "meta"]) == 0
+    word_tokenizer(tmp_path / "other.json", TINY["vocab_size"] - 1)
+    capsys.readouterr()
+    assert cli(["to-torch", str(tmp_path / "exp"), str(tmp_path / "out" / "d.pt"),
+                "--tokenizer", str(tmp_path / "other.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "is not the tokenizer of d.pt's source" in err
+    assert not (tmp_path / "out" / "d.pt").exists()
+    # no tokenizer anywhere: said so, nothing invented
+    torch.save({"cfg": card_cfg(model), "model": model.state_dict()}, tmp_path / "alone.pt")
+    assert cli(["to-torch", str(tmp_path / "alone.pt"), str(tmp_path / "lone" / "x.pt")]) == 0
+    assert "no tokenizer found with the source" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "lone").iterdir()) == ["x.pt"]

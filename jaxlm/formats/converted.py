@@ -607,10 +607,11 @@ def _to_card_layout(conv: Converted, names, naming: str | None, dtype, optim_cfg
     cfg = names.fields_for_torch(conv.model_cfg, original, report)
     if optim_cfg is not None and original is None:
         cfg["optimizer"], cfg["lr_schedule"] = optim_cfg.name, optim_cfg.schedule
-    top = {"cfg": cfg, "model": sd, "step": int(conv.step or 0),
-           CONVENTIONS_KEY: _conventions_for(names, conv.model_cfg, None)}
-    if not top[CONVENTIONS_KEY]:
-        del top[CONVENTIONS_KEY]
+    top = {"cfg": cfg, "model": sd}
+    if conv.step is not None:  # a step not known (an inference export has none) is not written as 0
+        top["step"] = int(conv.step)
+    if conventions := _conventions_for(names, conv.model_cfg, None):
+        top[CONVENTIONS_KEY] = conventions
     if conv.has_optimizer:
         top[DEFAULT_OPTIMIZER_KEY] = _default_optimizer(conv, entries, dtype, optim_cfg, lrs, lazy)
     return top
@@ -679,6 +680,8 @@ def native_formats(family: str | None = None) -> list[tuple[str, str, Any]]:
 def native_format_of(path: pathlib.Path, family: str | None = None) -> tuple[str, Any]:
     """``(family, format module)`` for a family's own file format (a llama2.c model.bin...): the format
     that recognises the file, else the one its suffix names (whose reader then says what is wrong)."""
+    if path.stat().st_size == 0:  # what an interrupted download or copy leaves
+        raise CheckpointError(f"{path}: an empty file (0 bytes), not a checkpoint; copy or download it again")
     formats = native_formats(family)
     found = [f for f in formats if f[2].matches(path)] or [f for f in formats if f[1] == path.suffix]
     if len(found) != 1:
@@ -697,25 +700,34 @@ def _from_native(path: pathlib.Path, key_map, overrides, family) -> Converted:
     return conv
 
 
-def _from_safetensors(path: pathlib.Path, key_map, overrides, family=None) -> Converted:
+def safetensors_object(path: pathlib.Path) -> tuple[dict, dict]:
+    """``(the checkpoint dict, the file's metadata)`` of a ``.safetensors`` file: its tensors, the cfg of
+    its metadata (else of the ``config.json`` beside it), its step and conventions."""
     tensors, metadata = safetensors_file.load(path)
     cfg = None
-    if "cfg" in metadata:
-        cfg = json.loads(metadata["cfg"])
-    elif (path.parent / "config.json").is_file():
+    if "cfg" not in metadata and (path.parent / "config.json").is_file():
         cfg = json.loads((path.parent / "config.json").read_text())
-    conv = _from_tensors(tensors, cfg, metadata, str(path), key_map, overrides, family)
-    conv.layout["format"] = "safetensors"
-    return conv
+    return tensors_object(tensors, cfg, metadata), metadata
 
 
-def _from_tensors(tensors, cfg, metadata, source, key_map, overrides, family) -> Converted:
+def tensors_object(tensors, cfg, metadata) -> dict:
+    """The checkpoint dict of tensors with their cfg (else the one in the safetensors metadata), step and
+    conventions, as ``analyze`` reads a ``.pt``."""
+    if cfg is None and "cfg" in metadata:
+        cfg = json.loads(metadata["cfg"])
     top = {"model": tensors} if cfg is None else {"cfg": cfg, "model": tensors}
-    if "step" in metadata:
-        top["step"] = int(metadata["step"])
+    if "step" in metadata:  # a string; one that is not a number is no step (analyze ignores it)
+        top["step"] = int(metadata["step"]) if metadata["step"].isdigit() else metadata["step"]
     if "conventions" in metadata:
         top[CONVENTIONS_KEY] = json.loads(metadata["conventions"])
-    return from_torch_object(top, source, key_map=key_map, overrides=overrides, family=family)
+    return top
+
+
+def _from_safetensors(path: pathlib.Path, key_map, overrides, family=None) -> Converted:
+    top, _ = safetensors_object(path)
+    conv = from_torch_object(top, str(path), key_map=key_map, overrides=overrides, family=family)
+    conv.layout["format"] = "safetensors"
+    return conv
 
 
 def read_hf_dir(path, *, key_map=None, overrides=(), family: str | None = None) -> Converted:
@@ -723,9 +735,8 @@ def read_hf_dir(path, *, key_map=None, overrides=(), family: str | None = None) 
     from jaxlm.formats import hf_layout
     path = pathlib.Path(path).expanduser()
     tensors, config, metadata, shards = hf_layout.read_dir(path)
-    if config is None and "cfg" in metadata:
-        config = json.loads(metadata["cfg"])
-    conv = _from_tensors(tensors, config, metadata, str(path), key_map, overrides, family)
+    conv = from_torch_object(tensors_object(tensors, config, metadata), str(path), key_map=key_map,
+                             overrides=overrides, family=family)
     conv.layout["format"] = "hf"
     conv.layout["shards"] = len(shards)
     return conv
@@ -753,18 +764,25 @@ def _file_parts(conv: Converted, naming, dtype, optim_cfg, lrs) -> tuple[dict, d
     return unique, cfg, conventions or {}
 
 
+def layout_of(path: pathlib.Path, layout: str | None = None) -> str:
+    """What :func:`write_file` writes at ``path``: ``layout``, else by the suffix (none: a Hugging Face directory)."""
+    if layout not in (None, "hf", "torch", "safetensors"):
+        raise CheckpointError(f"layout {layout!r}: choose hf (a directory), torch (.pt) or safetensors")
+    return layout or {".pt": "torch", ".pth": "torch", ".bin": "torch", ".safetensors": "safetensors"}.get(
+        pathlib.Path(path).suffix, "hf")
+
+
 def write_file(conv: Converted, path, *, naming: str | None = None, dtype: str | None = None,
                optim_cfg=None, lrs=None, layout: str | None = None, max_shard_size=None) -> pathlib.Path:
     """``.pt`` (the card's layout, or the original one), ``.safetensors`` (+ config.json next to it), or
     ``layout="hf"`` (or a path without a suffix): a Hugging Face directory, sharded at ``max_shard_size``."""
     path = pathlib.Path(path).expanduser()
-    if layout not in (None, "hf", "torch", "safetensors"):
-        raise CheckpointError(f"layout {layout!r}: choose hf (a directory), torch (.pt) or safetensors")
-    if layout is None:
-        layout = {".pt": "torch", ".pth": "torch", ".bin": "torch", ".safetensors": "safetensors"}.get(path.suffix, "hf")
+    layout = layout_of(path, layout)
     if layout in ("hf", "safetensors"):
         sd, cfg, conventions = _file_parts(conv, naming, dtype, optim_cfg, lrs)
-        metadata = {"format": "pt", "cfg": json.dumps(cfg), "step": str(int(conv.step or 0))}
+        metadata = {"format": "pt", "cfg": json.dumps(cfg)}
+        if conv.step is not None:  # as in the .pt: the checkpoint's step, or none
+            metadata["step"] = str(int(conv.step))
         if conventions:
             metadata["conventions"] = json.dumps(conventions)
         if layout == "hf":

@@ -2,7 +2,8 @@
 
     to-orbax SRC DST     a .pt / .safetensors / Hugging Face directory (any family, any naming) -> an Orbax export
     to-torch SRC DST.pt  an export, a run directory or a .pt -> a .pt in the card's layout (or .safetensors,
-                         or DST/ without a suffix: a Hugging Face directory, --max-shard-size to shard it)
+                         or DST/ without a suffix: a Hugging Face directory, --max-shard-size to shard it),
+                         with SRC's tokenizer beside it, so that jaxlm.load(DST) and generate find it
     to-bin SRC DST.bin   a checkpoint of a family with a native format for DST's suffix (Llama Think: the
                          llama2.c model.bin v3, lossy) -> that file
     inspect FILE         keys, shapes, dtypes, cfg, each family's claim, what maps to what
@@ -16,30 +17,81 @@ SRC / FILE may be a Hub id: ``hf://Org/Repo/step_017500.pt``, or ``Org/Repo`` wi
 from __future__ import annotations
 
 import argparse
+import pathlib
+import shutil
 import sys
 import time
 
+from jaxlm.errors import ArgumentParser, CheckpointError, JaxlmError, positive_int
+
+
+def _tokenizer_files(src, explicit, vocab_size: int) -> list[pathlib.Path]:
+    """The tokenizer files that travel with a converted checkpoint: ``explicit`` (read and checked
+    against the model's vocabulary, so that a file that is not a tokenizer is refused in one line),
+    else the one ``jaxlm.load(src)`` would use; with the ``tokenizer_config.json`` beside it that
+    names its EOS. [] when there is none."""
+    from jaxlm.api import _find_tokenizer
+    from jaxlm.data.tokenizer import TOKENIZER_CONFIG
+    _, path = _find_tokenizer(pathlib.Path(src), explicit, vocab_size)
+    if path is None:
+        return []
+    config = path.with_name(TOKENIZER_CONFIG)
+    return [path, config] if config.is_file() else [path]
+
+
+def _check_folder_for(files: list[pathlib.Path], folder: pathlib.Path, what: pathlib.Path) -> None:
+    """Refuse a folder whose tokenizer is another one: ``jaxlm.load(what)`` would pair it with ``what``."""
+    from jaxlm.data.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON
+    ours = {f.name: f for f in files}
+    for name in (TOKENIZER_JSON, SENTENCEPIECE_MODEL, TOKENIZER_CONFIG):
+        there = folder / name
+        if there.is_file() and (name not in ours or there.read_bytes() != ours[name].read_bytes()):
+            raise CheckpointError(f"{there} is not the tokenizer of {what.name}'s source, and jaxlm.load would "
+                                  f"pair the two; write {what.name} to a folder of its own (or remove {there})")
+
+
+def _copy_beside(files: list[pathlib.Path], folder: pathlib.Path) -> None:
+    for file in files:
+        if not (folder / file.name).exists():  # one that is there is the same (_check_folder_for)
+            shutil.copyfile(file, folder / file.name)
+
+
+def _tokenizer_note(files: list[pathlib.Path], folder: pathlib.Path) -> str:
+    if files:
+        return f"; {' and '.join(f.name for f in files)} beside it"
+    return f"; no tokenizer found with the source: generating from it needs --tokenizer (or one in {folder})"
+
+
+def _step(conv) -> str:
+    return "no step recorded" if conv.step is None else f"step {conv.step}"
+
 
 def _to_orbax(args) -> None:
-    import pathlib
-
     from jaxlm import formats
     src = formats.resolve(args.src, args.filename)
     conv = formats.read_checkpoint(src, key_map=args.key_map, overrides=args.set,
                                    with_optimizer=not args.weights_only, family=args.family)
-    tokenizer = args.tokenizer or (src if src.is_dir() else src.parent) / "tokenizer.json"
-    dst = formats.save_export(conv, args.dst, tokenizer=tokenizer, overwrite=args.force)
+    tokenizer = _tokenizer_files(src, args.tokenizer, conv.model_cfg.vocab_size)
+    dst = formats.save_export(conv, args.dst, overwrite=args.force)
+    _copy_beside(tokenizer, dst)
     for note in conv.notes:
         print(f"note: {note}")
     what = "parameters + optimizer state" if conv.has_optimizer else "parameters"
-    print(f"wrote {dst} ({what}, step {conv.step}); load with jaxlm.load({str(dst)!r}) "
-          f"or train on with --init_from {dst}")
+    print(f"wrote {dst} ({what}, {_step(conv)}{_tokenizer_note(tokenizer, dst)}); load with "
+          f"jaxlm.load({str(dst)!r}) or train on with --init_from {dst}")
 
 
 def _to_torch(args) -> None:
     from jaxlm import formats
-    conv = formats.read_checkpoint(args.src, key_map=args.key_map, overrides=args.set,
-                                   with_optimizer=not args.weights_only, filename=args.filename, family=args.family)
+    from jaxlm.formats.converted import layout_of
+    src = formats.resolve(args.src, args.filename)
+    conv = formats.read_checkpoint(src, key_map=args.key_map, overrides=args.set,
+                                   with_optimizer=not args.weights_only, family=args.family)
+    dst = pathlib.Path(args.dst).expanduser()
+    file_layout = layout_of(dst, args.layout)
+    folder = dst if file_layout == "hf" else dst.parent
+    tokenizer = _tokenizer_files(src, args.tokenizer, conv.model_cfg.vocab_size)
+    _check_folder_for(tokenizer, folder, dst)
     optim_cfg, lrs = None, None
     if conv.run_config is not None:  # a jaxlm run: its optimizer settings and current learning rates
         from jaxlm.formats.run_dir import run_optim_config
@@ -50,19 +102,18 @@ def _to_torch(args) -> None:
         _, schedules = build_optimizer(optim_cfg, nest(conv.params), steps)
         lrs = {group: schedule(conv.step or 0) for group, schedule in schedules.items()}
     dtype = None if args.dtype == "keep" else args.dtype
-    path = formats.write_checkpoint(conv, args.dst, naming=args.naming, dtype=dtype, optim_cfg=optim_cfg, lrs=lrs,
+    path = formats.write_checkpoint(conv, dst, naming=args.naming, dtype=dtype, optim_cfg=optim_cfg, lrs=lrs,
                                     layout=args.layout, max_shard_size=args.max_shard_size)
+    _copy_beside(tokenizer, folder)
     layout = "the source's layout" if conv.layout and not args.naming else f"{args.naming or 'hf'} naming"
-    print(f"wrote {path} ({layout}, step {conv.step}"
-          f"{', with optimizer state' if conv.has_optimizer and not args.weights_only else ''})"
+    with_optimizer = conv.has_optimizer and not args.weights_only and file_layout == "torch"  # safetensors: none
+    print(f"wrote {path} ({layout}, {_step(conv)}{', with optimizer state' if with_optimizer else ''}"
+          f"{_tokenizer_note(tokenizer, folder)})"
           + ("; in PyTorch: tools.torch_port.toylm_torch.ToyLM.from_checkpoint(path)" if conv.family == "toylm" else ""))
 
 
 def _to_native(args) -> None:
-    import pathlib
-
     from jaxlm import formats
-    from jaxlm.errors import CheckpointError
     from jaxlm.formats.converted import native_formats
     # With its optimizer state: a source that came from a .pt writes back through that file's whole layout.
     conv = formats.read_checkpoint(args.src, key_map=args.key_map, overrides=args.set, filename=args.filename,
@@ -75,7 +126,7 @@ def _to_native(args) -> None:
                               f"(its formats: {known}); use to-torch for .pt / .safetensors")
     path = fmt.write_object(formats.to_torch_object(conv), dst)
     print(f"note: {fmt.NOTE}")
-    print(f"wrote {path} (family {conv.family}, step {conv.step})")
+    print(f"wrote {path} (family {conv.family}, {_step(conv)})")
 
 
 def _inspect(args) -> None:
@@ -91,7 +142,7 @@ def _probe(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.torch_port", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m tools.torch_port", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(cmd, weights=True):
@@ -122,6 +173,7 @@ def parser() -> argparse.ArgumentParser:
     cmd.add_argument("--max-shard-size", metavar="SIZE", help="Hugging Face layout: shards of at most SIZE (e.g. 2GB)")
     cmd.add_argument("--dtype", choices=("keep", "bfloat16", "float32"), default="keep",
                      help="tensor dtype (default: as in the source .pt, else as stored)")
+    cmd.add_argument("--tokenizer", help="tokenizer to write beside DST (default: the one with SRC)")
     common(cmd)
     cmd.set_defaults(run=_to_torch)
 
@@ -146,8 +198,8 @@ def parser() -> argparse.ArgumentParser:
     cmd.add_argument("src")
     cmd.add_argument("--tokenizer", required=True)
     cmd.add_argument("--text", required=True, help="a UTF-8 text file to score")
-    cmd.add_argument("--seq-len", type=int, help="tokens per sequence (default: twice the window)")
-    cmd.add_argument("--max-tokens", type=int, default=8192, help="tokens scored per setting")
+    cmd.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default: twice the window)")
+    cmd.add_argument("--max-tokens", type=positive_int, default=8192, help="tokens scored per setting")
     common(cmd, weights=False)
     cmd.set_defaults(run=_probe)
     return p
@@ -155,7 +207,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from jaxlm.errors import JaxlmError
     start = time.perf_counter()
     try:
         args.run(args)

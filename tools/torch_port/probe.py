@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.api import model_from_params
-from jaxlm.errors import CheckpointError
+from jaxlm.data.tokenizer import load_tokenizer
+from jaxlm.errors import DataError
 from jaxlm.formats import read_checkpoint
 from jaxlm.loss import token_losses
 
@@ -56,17 +57,18 @@ def _flag(name, value) -> str:
 def probe(src, tokenizer_path, text_path, *, key_map=None, seq_len: int | None = None, max_tokens: int = 8192,
           log=print) -> dict:
     """Score the settings; prints a table and returns ``{"rows": [...], "best": {...}, "loss": x}``."""
-    from tokenizers import Tokenizer
     conv = read_checkpoint(src, key_map=key_map, with_optimizer=False)
     base = conv.model_cfg
-    if not pathlib.Path(tokenizer_path).is_file():
-        raise CheckpointError(f"tokenizer {tokenizer_path}: file not found")
-    if not pathlib.Path(text_path).is_file():
-        raise CheckpointError(f"text {text_path}: file not found")
-    ids = Tokenizer.from_file(str(tokenizer_path)).encode(pathlib.Path(text_path).read_text()).ids
-    if max(ids, default=0) >= base.vocab_size:
-        raise CheckpointError(f"vocabulary mismatch: the tokenizer gives id {max(ids)}, the model has "
-                              f"{base.vocab_size} tokens; use the checkpoint's tokenizer.json")
+    # Read with jaxlm's checks: not a tokenizer, or more ids than the model has rows, is one line.
+    tokenizer = load_tokenizer(tokenizer_path, vocab_size=base.vocab_size, eos_token=None)
+    try:
+        ids = tokenizer.encode(pathlib.Path(text_path).read_text(encoding="utf-8")).ids
+    except OSError as error:
+        raise DataError(f"--text {text_path}: {error.strerror}; give a UTF-8 text file to score") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"--text {text_path}: not UTF-8 text (byte {error.start}); give a UTF-8 text file") from None
+    if len(ids) < 2:
+        raise DataError(f"--text {text_path}: {len(ids)} token(s), nothing to score; give a longer text")
     seq_len = seq_len or min(base.max_seq_len, 2 * base.sliding_window)
     tokens = _sequences(ids, seq_len, max_tokens)
     length = tokens.shape[1] - 1

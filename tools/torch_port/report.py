@@ -45,7 +45,7 @@ def inspect(path, *, key_map=None, overrides=(), family=None) -> str:
     if path.is_dir() and hf_layout.is_hf_dir(path) and not orbax_export.is_export(path) and run_dir.locate(path) is None:
         tensors, config, metadata, shards = hf_layout.read_dir(path)
         lines.append(f"kind        Hugging Face directory, {len(shards)} safetensors file{'s' if len(shards) > 1 else ''}")
-        top = {"model": tensors} if config is None else {"cfg": config, "model": tensors}
+        top = converted.tensors_object(tensors, config, metadata)  # as read_checkpoint reads it
     elif path.is_dir():
         conv = read_checkpoint(path, key_map=key_map, overrides=overrides, family=family)
         lines.append("kind        jaxlm directory")
@@ -54,12 +54,8 @@ def inspect(path, *, key_map=None, overrides=(), family=None) -> str:
     elif torch_pt.is_torch_zip(path):
         top = torch_pt.load(path)
     elif safetensors_file.is_safetensors(path):
-        tensors, metadata = safetensors_file.load(path)
+        top, metadata = converted.safetensors_object(path)  # as read_checkpoint reads it
         lines.append(f"metadata    {metadata}")
-        top = {"model": tensors}
-        if "cfg" in metadata:
-            import json
-            top["cfg"] = json.loads(metadata["cfg"])
     else:  # a family's own format (a llama2.c model.bin), or the "not a checkpoint" error
         family, fmt = converted.native_format_of(path, family)
         top = fmt.read_object(path)
@@ -112,7 +108,9 @@ def inspect(path, *, key_map=None, overrides=(), family=None) -> str:
 
 def _jaxlm_lines(conv) -> list[str]:
     fields = ", ".join(f"{f.name}={getattr(conv.model_cfg, f.name)!r}" for f in dataclasses.fields(conv.model_cfg))
-    lines = [f"jaxlm       {type(conv.model_cfg).__name__}({fields})", f"step        {conv.step}"]
+    lines = [f"jaxlm       {type(conv.model_cfg).__name__}({fields})"]
+    if conv.step is not None:  # as for a file: no step line where none is recorded
+        lines.append(f"step        {conv.step}")
     for name, array in sorted(conv.params.items()):
         lines.append(f"  {name:<40} {str(tuple(array.shape)):<14} {array.dtype}")
     for slot, values in conv.slots.items():
