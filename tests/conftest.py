@@ -4,13 +4,24 @@ Eight fake CPU devices are requested before JAX is imported, so that mesh and
 sharding tests run on any machine; single-device tests simply use device 0.
 """
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for this test session, shared by pytest-xdist's workers and by
+# every subprocess a test starts (they inherit the environment): the many tiny runs of the same
+# configs compile once. A fresh folder per session, so that a session's time never depends on an
+# earlier one; the process that made it removes it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlm-tests-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402  (after the flags above)
 

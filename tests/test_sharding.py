@@ -19,10 +19,19 @@ MESHES = {  # name: (data, fsdp, tensor), and how many devices
 }
 
 
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    cfg = C.load_config("quickstart.py", ["train.steps=20", "train.batch_size=8", "optim.warmup_steps=5",
-                                          f"data.cache_dir={tmp_path_factory.mktemp('cache')}"])
+# One small config per family; nanowhale's meshes (experts x data among them) are trained in
+# tests/test_deepseek_v4_train.py through the command line.
+FAMILY_CONFIGS = {
+    "toylm": ("quickstart.py", ["train.batch_size=8", "optim.warmup_steps=5"]),
+    "hybrid": ("llama_think_tiny.py", ["model.n_layers=4", 'model.layer_types=["linear","linear","csa","full"]',
+                                       "train.seq_len=64", "optim.warmup_steps=5"]),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_CONFIGS))
+def family_run(request, tmp_path_factory):
+    name, overrides = FAMILY_CONFIGS[request.param]
+    cfg = C.load_config(name, ["train.steps=20", *overrides, f"data.cache_dir={tmp_path_factory.mktemp('cache')}"])
     tokenizer = data.load_tokenizer_for(cfg.data, vocab_size=cfg.model.vocab_size)
     batches = data.make_batch_iterator(cfg.data, tokenizer, seq_len=cfg.train.seq_len,
                                        batch_size=cfg.train.batch_size, seed=cfg.seed)
@@ -44,8 +53,8 @@ def run_on_mesh(cfg, batches, sizes, n_devices):
     return np.array(losses), state
 
 
-def test_losses_agree_across_meshes(quickstart):
-    cfg, batches = quickstart
+def test_losses_agree_across_meshes(family_run):
+    cfg, batches = family_run
     results = {name: run_on_mesh(cfg, batches, sizes, n) for name, (sizes, n) in MESHES.items()}
     reference, _ = results["1 device"]
     assert reference[-1] < reference[0] - 1.0, "the run should actually learn in 20 steps"
@@ -56,9 +65,9 @@ def test_losses_agree_across_meshes(quickstart):
         np.testing.assert_allclose(losses, reference, rtol=1e-4, err_msg=name)
 
 
-def test_fsdp_divides_parameter_and_optimizer_memory(quickstart):
+def test_fsdp_divides_parameter_and_optimizer_memory(family_run):
     """Per-device bytes of params + optimizer state, measured from the arrays' shards."""
-    cfg, batches = quickstart
+    cfg, batches = family_run
     per_device = {}
     for name in ("1 device", "fsdp=8"):
         sizes, n = MESHES[name]
@@ -69,9 +78,11 @@ def test_fsdp_divides_parameter_and_optimizer_memory(quickstart):
         per_device[name] = sum(s.data.nbytes for leaf in leaves for s in leaf.addressable_shards
                                if s.device == device0)
     ratio = per_device["1 device"] / per_device["fsdp=8"]
-    print(f"per-device params+optimizer bytes: {per_device} (x{ratio:.2f} less with fsdp=8)")
-    # Norm weights (128 floats each) stay replicated, so the cut is a little under 8x.
-    assert ratio > 7.5
+    print(f"{cfg.model.family}: per-device params+optimizer bytes: {per_device} (x{ratio:.2f} less with fsdp=8)")
+    # Norm weights and other small vectors stay replicated, so the cut is under 8x: toylm's
+    # quickstart keeps about 1% of its state whole, the tiny hybrid (dim 40, per-head gates and
+    # conv kernels) about 3-4%.
+    assert ratio > 6.0
 
 
 @pytest.mark.parametrize("builder", ["train", "bench"])
