@@ -164,6 +164,10 @@ def test_restore_on_another_device_count_and_mesh(tmp_path):
                          env=env(1), timeout=300)
     assert one.returncode == 0 and "already trained to step 10 of 10" in one.stdout, one.stderr[-2000:]
     assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before   # nothing written
+    # The converter reads the run saved on 8 devices in a process that has one.
+    inspected = subprocess.run([sys.executable, "-m", "tools.torch_port", "inspect", str(out)], capture_output=True,
+                               text=True, cwd=REPO, env=env(1), timeout=300)
+    assert inspected.returncode == 0 and "step        10" in inspected.stdout, inspected.stderr[-2000:]
     # A copy without its step-10 checkpoint resumes from step 5 on 4 x 2 and retrains the same steps.
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)

@@ -409,7 +409,8 @@ def test_unknown_cfg_fields_are_reported_and_written_back(tmp_path, capsys):
     torch.save({"cfg": cfg, "model": bf16(model.state_dict()), "step": 3}, tmp_path / "a.pt")
     assert cli(["inspect", str(tmp_path / "a.pt")]) == 0
     out = capsys.readouterr().out
-    assert "ignored     engram_enabled=False, engram_slots=64" in out and "wandb_project='crow'" in out
+    assert "ignored     engram_slots=64, wandb_project='crow'" in out   # a value the upstream default is not
+    assert "at default  engram_enabled=False" in out
     assert "hf naming" in out and "converts cleanly" in out
     assert cli(["to-orbax", str(tmp_path / "a.pt"), str(tmp_path / "exp")]) == 0
     assert "ignored cfg fields" in capsys.readouterr().out
@@ -673,3 +674,13 @@ def test_to_torch_writes_the_tokenizer_beside_the_pt(tmp_path, capsys):
     assert cli(["to-torch", str(tmp_path / "alone.pt"), str(tmp_path / "lone" / "x.pt")]) == 0
     assert "no tokenizer found with the source" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "lone").iterdir()) == ["x.pt"]
+
+
+def test_fields_at_their_upstream_defaults_are_not_reported_as_ignored(tmp_path, capsys):
+    """What jaxlm itself writes for PyTorch (the card's fields, features off) reads back without a note."""
+    model = torch_model()
+    torch.save({"cfg": card_cfg(model), "model": bf16(model.state_dict()), "step": 3}, tmp_path / "a.pt")
+    assert cli(["to-orbax", str(tmp_path / "a.pt"), str(tmp_path / "exp")]) == 0
+    assert "ignored cfg fields" not in capsys.readouterr().out
+    assert cli(["inspect", str(tmp_path / "a.pt")]) == 0
+    assert "ignored     (none)" in capsys.readouterr().out

@@ -127,6 +127,8 @@ class Plan:
 class ConfigReport:
     renamed: dict[str, str] = dataclasses.field(default_factory=dict)    # their field -> ours
     ignored: dict[str, Any] = dataclasses.field(default_factory=dict)    # fields jaxlm has no use for
+    # ... of which these hold the upstream default (a feature left off): nothing a user must hear about
+    at_default: dict[str, Any] = dataclasses.field(default_factory=dict)
     inferred: dict[str, Any] = dataclasses.field(default_factory=dict)   # ours, from tensors or assumed
 
 

@@ -75,15 +75,31 @@ def load_inference_export(path) -> Converted:
                      source=str(path), run_config=run_config)
 
 
+def _as_numpy(state_dir: pathlib.Path):
+    """Restore arguments that read every array into host memory: a run saved sharded over N devices
+    then reads in a process with any number of devices (Orbax would otherwise want the saved topology)."""
+    import absl.logging
+    import jax
+    verbosity = absl.logging.get_verbosity()
+    absl.logging.set_verbosity(absl.logging.ERROR)   # Orbax warns that the step's own metadata file is elsewhere
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            tree = checkpointer.metadata(state_dir).item_metadata
+    finally:
+        absl.logging.set_verbosity(verbosity)
+    return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+                        is_leaf=lambda leaf: hasattr(leaf, "shape"))
+
+
 def load(path, *, with_optimizer: bool = True) -> Converted:
     found = locate(path)
     if found is None:
         raise CheckpointError(f"{path}: not a jaxlm run directory (no checkpoints/<step>/state inside)")
     out_dir, step_dir = found
-    items = {"state": ocp.args.StandardRestore()}
-    if (step_dir / "config").is_dir():
-        items["config"] = ocp.args.JsonRestore()
     try:
+        items = {"state": ocp.args.PyTreeRestore(restore_args=_as_numpy(step_dir / "state"))}
+        if (step_dir / "config").is_dir():
+            items["config"] = ocp.args.JsonRestore()
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             restored = checkpointer.restore(step_dir, ocp.args.Composite(**items))
     except Exception as error:  # noqa: BLE001 - a damaged step directory fails in many ways

@@ -347,7 +347,8 @@ def config_from_dims(fields: dict, dims: dict[str, int], overrides=(), source: s
     for name, value in fields.items():
         target = name if name in ours else SYNONYMS.get(name)
         if target is None or target in values and name not in ours:
-            report.ignored[name] = value
+            at_default = name in CARD_FIELDS and CARD_FIELDS[name] is not None and CARD_FIELDS[name] == value
+            (report.at_default if at_default else report.ignored)[name] = value
             continue
         if target != name:
             report.renamed[name] = target

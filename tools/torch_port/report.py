@@ -72,6 +72,8 @@ def inspect(path, *, key_map=None, overrides=(), family=None) -> str:
         if report.renamed:
             lines.append("renamed     " + ", ".join(f"{k} -> {v}" for k, v in report.renamed.items()))
         lines.append("ignored     " + (", ".join(f"{k}={v!r}" for k, v in report.ignored.items()) or "(none)"))
+        if report.at_default:
+            lines.append("at default  " + ", ".join(f"{k}={v!r}" for k, v in report.at_default.items()))
         if report.inferred:
             lines.append("inferred    " + ", ".join(f"{k}={v}" for k, v in report.inferred.items()))
     lines.append(f"family      {an.family}" + (f", {an.plan.naming} naming" if an.plan and an.plan.naming else ""))
