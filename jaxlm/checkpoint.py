@@ -296,10 +296,12 @@ def export_inference(run_dir: str | pathlib.Path, dst: str | pathlib.Path, *, dt
                      step: int | None = None) -> pathlib.Path:
     """Write parameters only (no optimizer state), as float32 or bfloat16, with config and tokenizer.
 
-    Layout: ``dst/params`` (Orbax), ``dst/config.json``, ``dst/tokenizer.json`` when the run has one.
+    Layout: ``dst/params`` (Orbax), ``dst/config.json``, ``dst/tokenizer.json`` when the run has one,
+    and ``dst/inference_export.json`` (the step the weights were trained to, so that a converted file keeps it).
     """
     import jax.numpy as jnp
     from flax import nnx
+    from jaxlm.formats.run_dir import EXPORT_FILE
 
     cfg, state = restore_run(run_dir, step)
     # A family's Buffer variables belong to the model as much as its parameters: one tree of both.
@@ -316,6 +318,7 @@ def export_inference(run_dir: str | pathlib.Path, dst: str | pathlib.Path, *, dt
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(dst / "params", params)
     (dst / "config.json").write_text(C.to_json(cfg))
+    (dst / EXPORT_FILE).write_text(json.dumps({"step": int(state["step"]), "dtype": dtype}) + "\n")
     tokenizer = pathlib.Path(run_dir) / "tokenizer.json"
     if tokenizer.is_file():
         (dst / "tokenizer.json").write_bytes(tokenizer.read_bytes())

@@ -10,7 +10,7 @@ A run (``jaxlm/checkpoint.py``'s layout)::
 
 Only ``state`` and ``config`` are read (the data-iterator position needs grain and is of no use here).
 An inference export (``python -m jaxlm.checkpoint export``): ``dst/params`` (Orbax), ``dst/config.json``,
-``dst/tokenizer.json``.
+``dst/tokenizer.json``, ``dst/inference_export.json`` (its step).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from jaxlm.models import config_class
 
 TORCH_LAYOUT_FILE = "torch_layout.json"
 TORCH_EXTRAS_FILE = "torch_extras.safetensors"  # the layout's verbatim tensors (buffers and the like)
+EXPORT_FILE = "inference_export.json"  # an inference export's step (export.json is save_export's)
 
 
 def _steps(checkpoints: pathlib.Path) -> list[int]:
@@ -71,8 +72,11 @@ def load_inference_export(path) -> Converted:
                               f"{str(error).splitlines()[0][:160]})") from None
     run_config = json.loads((path / "config.json").read_text())
     family, model_cfg = _model_config(run_config)
+    # The step the weights were trained to (older exports have none).
+    export = path / EXPORT_FILE
+    step = json.loads(export.read_text()).get("step") if export.is_file() else None
     return Converted(family=family, model_cfg=model_cfg, params={p: np.asarray(a) for p, a in flatten(params).items()},
-                     source=str(path), run_config=run_config)
+                     step=step, source=str(path), run_config=run_config)
 
 
 def _as_numpy(state_dir: pathlib.Path):
