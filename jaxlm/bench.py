@@ -28,7 +28,7 @@ import sys
 import time
 
 from jaxlm import config as C  # light: no JAX, so the worker processes start fast
-from jaxlm.errors import ArgumentParser, non_negative_int, positive_float, positive_int, positive_ints
+from jaxlm.errors import ArgumentParser, ConfigError, non_negative_int, positive_float, positive_int, positive_ints
 
 RESULT_TAG = "BENCH_RESULT "
 
@@ -407,6 +407,39 @@ def train_mode(args, overrides: list[str]) -> int:
     return 0
 
 
+def compile_mode(args, overrides: list[str]) -> int:
+    """``--compile_for``: each variant's (and ``--batch``'s) train step compiled for a TPU slice, not run
+    (``jaxlm.tpu``); the last line says whether all of them fit."""
+    from jaxlm import tpu
+    from jaxlm.models import layers
+
+    tpu.prepare_host()   # before anything starts a JAX backend
+    topology = tpu.resolve(args.compile_for)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    t = C.load_config(args.config, overrides).train
+    shape = list(overrides) + [f"train.seq_len={args.seq or t.seq_len}",
+                               f"train.grad_accum={args.grad_accum or t.grad_accum}"]
+    worst = None
+    for variant in variants:
+        for batch in args.batch or [t.batch_size]:
+            cfg = C.load_config(args.config, shape + [f"train.batch_size={batch}"])
+            attention = apply_variant(cfg, variant)
+            C.validate(cfg)
+            with layers.ATTENTION.scope(attention):
+                report = tpu.compile_report(cfg, topology)
+            print(f"\n{variant}, batch {batch}:\n{tpu.format_report(report)}", flush=True)
+            if worst is None or report.over_bytes > worst[0].over_bytes:
+                worst = (report, variant, batch)
+    report, variant, batch = worst
+    if len(variants) * len(args.batch or [0]) > 1:   # one line for all rows
+        print("fits: every row" if report.fits else
+              f"{tpu.DOES_NOT_FIT} {report.over_bytes / tpu.GiB:.2f} GiB per chip ({variant}, batch {batch})")
+    return 0 if report.fits else tpu.EXIT_DOES_NOT_FIT
+
+
 def _spec(impl, variant, args, overrides, *, batch, seq, accum) -> dict:
     return {"impl": impl, "variant": variant, "config": args.config, "batch": batch, "seq": seq,
             "grad_accum": accum, "overrides": list(overrides) + ([f"train.batch_size={batch}"] if batch else []),
@@ -488,6 +521,9 @@ def parse_args(argv: list[str]):
     p.add_argument("--dump_hlo", help="write the first row's optimised HLO here")
     p.add_argument("--timeout", type=positive_float, default=1800, help="seconds per row")
     p.add_argument("--json", help="also write every row here")
+    p.add_argument("--compile_for", metavar="TPU_SLICE",
+                   help="compile each row's train step for this TPU slice on this host instead of running it "
+                        "(the [tpu] extra; see python -m jaxlm.train --help); exit status 3 if one does not fit")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args, overrides = C.parse_args_with_overrides(p, argv)
     if not args._worker and args.mode != "data" and not args.config:
@@ -503,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from jaxlm.errors import JaxlmError
     try:
+        if args.compile_for:
+            return compile_mode(args, overrides)
         if args.mode == "decode":
             return decode_mode(args, overrides)
         if args.mode == "data":

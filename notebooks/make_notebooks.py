@@ -11,18 +11,29 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HARDWARE = {
     "tpu": {
-        "title": "Colab TPU (v2-8 / v5e-8)",
+        "title": "Colab TPU (v2-8, v5e-1, v5e-8, v6e-1)",
+        "what": "train a family's TPU preset",
         "runtime": "Runtime → Change runtime type → TPU",
         "jax_extra": "jax[tpu]",
-        "config": "crowfeather_tpu.py",
-        "mesh": '["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"]  # FSDP over all TPU cores',
+        "run": ('FAMILY = "toylm"   # toylm: Crowfeather-50m, hybrid: Llama Think 95M, deepseek_v4: nanowhale-100m\n'
+                'RUN_NAME = FAMILY\n'),
+        # The family's preset (configs/*_tpu.py, written for 8 TPU devices), carried to the slice found.
+        "config": (
+            'from jaxlm import tpu\n'
+            'found = jax.devices()\n'
+            'CONFIG = tpu.presets()[FAMILY]\n'
+            'overrides = ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"]  # FSDP over all TPU cores\n'
+            'if found[0].platform == "tpu" and not TINY:   # as many sequences per device and tokens per step\n'
+            '    overrides += tpu.scale_overrides(load_config(CONFIG), len(found))\n'
+            'print(f"found {len(found)} x {found[0].device_kind}: {CONFIG}", " ".join(overrides[3:]) or "as written")\n'),
     },
     "a100": {
         "title": "Colab A100",
+        "what": "continue Crowfeather-50m",
         "runtime": "Runtime → Change runtime type → A100 GPU",
         "jax_extra": "jax[cuda12]",
-        "config": "crowfeather_1gpu.py",
-        "mesh": '["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1"]  # one GPU',
+        "run": 'RUN_NAME = "crowfeather"\n',
+        "config": 'CONFIG = "crowfeather_1gpu.py"\noverrides = ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1"]  # one GPU\n',
     },
 }
 
@@ -30,15 +41,15 @@ HARDWARE = {
 def cells(hw: dict) -> list:
     return [
         new_markdown_cell(
-            f"# jaxlm on {hw['title']}: continue Crowfeather-50m, survive disconnects\n\n"
+            f"# jaxlm on {hw['title']}: {hw['what']}, survive disconnects\n\n"
             f"Set the runtime first ({hw['runtime']}). Every cell can be re-run after a disconnect: "
             "checkpoints live on Google Drive and training resumes from the newest one."),
         new_markdown_cell("**Parameters.** `TINY = True` trains a tiny model on CPython's documentation in about a "
-                          "minute (what CI runs); `False` is the real Crowfeather run."),
+                          "minute (what CI runs); `False` is the real run."),
         new_code_cell(
             'TINY = False\n'
             'REPO_URL = "https://github.com/jaxlm/jaxlm"   # where to install jaxlm from, if it is not installed\n'
-            'RUN_NAME = "crowfeather"\n'
+            + hw["run"] +
             '# A released PyTorch checkpoint to continue from (e.g. the card\'s step_017500.pt); "" starts fresh.\n'
             'CHECKPOINT_URL = ""\n'
             'TOKENIZER_URL = ""\n'
@@ -86,11 +97,10 @@ def cells(hw: dict) -> list:
             '    INIT_FROM = converted\n'
             'print("initialise from:", INIT_FROM or "random weights")'),
         new_markdown_cell("**Config and mesh.** The config file gives the model and recipe; the mesh matches "
-                          "this hardware. In the tiny setting the quickstart model replaces Crowfeather."),
+                          "this hardware. In the tiny setting the quickstart model replaces it."),
         new_code_cell(
             'from jaxlm.config import load_config\n'
-            f'CONFIG = "{hw["config"]}"\n'
-            f'overrides = {hw["mesh"]}\n'
+            + hw["config"] +
             'overrides += [f"out_dir={OUT_DIR}", f"data.cache_dir={WORK}/cache"]\n'
             'if TINY:\n'
             '    CONFIG = "quickstart.py"\n'
