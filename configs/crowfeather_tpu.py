@@ -2,7 +2,7 @@
 recipe of ``crowfeather.py``, FSDP over all devices.
 
 Parameters and optimizer state are sharded over the devices and the float32 logits computed in
-chunks; compute is bf16 over float32 master weights, attention splash attention. The card's
+chunks; compute is bf16 over float32 master weights; attention is splash attention. The card's
 131,072 tokens a step (16 x 4096 x 2 accumulation) stay: PER_DEVICE sequences per device per
 micro-batch, the rest accumulated. PER_DEVICE is the largest that compiles within a v5e chip's
 HBM both alone and in a v5e-8 (README "TPU presets"). On another number of devices keep

@@ -2,7 +2,7 @@
 recipe of ``llama_think_95m.py``, FSDP over all devices.
 
 Parameters and optimizer state are sharded over the devices; compute is bf16 over float32 master
-weights, attention splash attention. The card's 2,097,152 tokens a step (256 x 1024 x 8
+weights; attention is splash attention. The card's 2,097,152 tokens a step (256 x 1024 x 8
 accumulation) stay: PER_DEVICE sequences per device per micro-batch, the rest accumulated.
 PER_DEVICE is the largest that compiles within a v5e chip's HBM both alone and in a v5e-8 (README
 "TPU presets"). On another number of devices keep PER_DEVICE and the tokens per step:

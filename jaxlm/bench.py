@@ -412,6 +412,7 @@ def compile_mode(args, overrides: list[str]) -> int:
     (``jaxlm.tpu``); the last line says whether all of them fit."""
     from jaxlm import tpu
     from jaxlm.models import layers
+    from jaxlm.train import jit_train_step
 
     tpu.prepare_host()   # before anything starts a JAX backend
     topology = tpu.resolve(args.compile_for)
@@ -429,7 +430,7 @@ def compile_mode(args, overrides: list[str]) -> int:
             attention = apply_variant(cfg, variant)
             C.validate(cfg)
             with layers.ATTENTION.scope(attention):
-                report = tpu.compile_report(cfg, topology)
+                report = tpu.compile_report(cfg, topology, jit_train_step)
             print(f"\n{variant}, batch {batch}:\n{tpu.format_report(report)}", flush=True)
             if worst is None or report.over_bytes > worst[0].over_bytes:
                 worst = (report, variant, batch)

@@ -205,13 +205,15 @@ class Report:
         return self.over_bytes <= 0
 
 
-def compile_report(cfg: C.Config, topology: str) -> Report:
-    """Compile ``cfg``'s training step for ``topology`` (a name of ``TOPOLOGIES``) and report."""
+def compile_report(cfg: C.Config, topology: str, jit_step) -> Report:
+    """Compile ``cfg``'s training step for ``topology`` (a name of ``TOPOLOGIES``) and report.
+
+    ``jit_step(plan, cfg)`` makes the jitted step as training runs it (``jaxlm.train.jit_train_step``,
+    passed in by the entry points: this module sits below them)."""
     import jax
 
     from jaxlm import sharding, switches
     from jaxlm.state import plan_state
-    from jaxlm.train import jit_train_step
 
     prepare_host()
     topology = resolve(topology)
@@ -229,7 +231,7 @@ def compile_report(cfg: C.Config, topology: str) -> Report:
         tokens = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size, t.seq_len + 1), "int32",
                                       sharding=sharding.batch_sharding(mesh, batch_axis=1))
         with sharding.use_mesh(mesh), libtpu_quiet(f"compiling for {topology} failed"):
-            lowered = jit_train_step(plan, cfg).lower(plan.abstract, tokens)
+            lowered = jit_step(plan, cfg).lower(plan.abstract, tokens)
             try:
                 compiled = lowered.compile()
             except Exception as error:  # noqa: BLE001 - the TPU compiler's refusal is an answer
@@ -322,7 +324,8 @@ def format_report(r: Report) -> str:
             f"  outputs         {gib(r.output_bytes)}  ({r.alias_bytes / GiB:.2f} GiB of them aliased to the "
             "arguments: the donated state)",
             f"  temporaries     {gib(r.temp_bytes)}",
-            f"  total           {gib(r.total_bytes)}" + (f"  of {r.hbm_bytes / GiB:.2f} GiB HBM" if r.hbm_bytes else ""),
+            f"  total           {gib(r.total_bytes)}"
+            + (f"  of {r.hbm_bytes / GiB:.2f} GiB HBM" if r.hbm_bytes else ""),
             f"  program         {gib(r.code_bytes)}  (the compiled code, not in the total)",
         ]
     lines.append(f"FLOPs per step    config {r.config_flops / 1e12:,.2f} TFLOP "

@@ -319,7 +319,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--compile_for", metavar="TPU_SLICE",
                         help="with --dry_run: compile the training step for this TPU slice on this host (no TPU "
                              "needed, the [tpu] extra is), print its memory per chip and FLOPs, and say whether it "
-                             f"fits (exit status 0) or not (exit status {tpu.EXIT_DOES_NOT_FIT}). Slices: {tpu.known_names()}")
+                             f"fits (exit status 0) or not (exit status {tpu.EXIT_DOES_NOT_FIT}). "
+                             f"Slices: {tpu.known_names()}")
     return C.parse_args_with_overrides(parser, argv)
 
 
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         check_schedules(cfg)
         print(summary(cfg))
         if args.compile_for:   # a dry run for a TPU slice: nothing is trained
-            report = tpu.compile_report(cfg, topology)
+            report = tpu.compile_report(cfg, topology, jit_train_step)
             print(tpu.format_report(report))
             return 0 if report.fits else tpu.EXIT_DOES_NOT_FIT
         if args.dry_run:

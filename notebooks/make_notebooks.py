@@ -25,7 +25,7 @@ HARDWARE = {
             'overrides = ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"]  # FSDP over all TPU cores\n'
             'if found[0].platform == "tpu" and not TINY:   # as many sequences per device and tokens per step\n'
             '    overrides += tpu.scale_overrides(load_config(CONFIG), len(found))\n'
-            'print(f"found {len(found)} x {found[0].device_kind}: {CONFIG}", " ".join(overrides[3:]) or "as written")\n'),
+            'print(f"found {len(found)} x {found[0].device_kind}:", CONFIG, " ".join(overrides[3:]) or "as written")\n'),
     },
     "a100": {
         "title": "Colab A100",
@@ -33,7 +33,8 @@ HARDWARE = {
         "runtime": "Runtime → Change runtime type → A100 GPU",
         "jax_extra": "jax[cuda12]",
         "run": 'RUN_NAME = "crowfeather"\n',
-        "config": 'CONFIG = "crowfeather_1gpu.py"\noverrides = ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1"]  # one GPU\n',
+        "config": ('CONFIG = "crowfeather_1gpu.py"\n'
+                   'overrides = ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1"]  # one GPU\n'),
     },
 }
 
@@ -119,7 +120,8 @@ def cells(hw: dict) -> list:
         new_markdown_cell("**Loss curve** (train and held-out)."),
         new_code_cell(
             'from IPython.display import Image, display\n'
-            'display(Image(result["loss_png"]))'),
+            '# A finished run re-run draws no new curve: the one it drew is in the run directory.\n'
+            'display(Image(result["loss_png"] or os.path.join(OUT_DIR, "loss.png")))'),
         new_markdown_cell("**Sample** with the cards' settings (temperature 0.8, top-p 0.9, repetition penalty 1.3)."),
         new_code_cell(
             'out = subprocess.run([sys.executable, "-m", "jaxlm.generate", "--checkpoint", OUT_DIR, "--prompt", PROMPT,\n'
