@@ -43,7 +43,8 @@ COMPILED = {(p, s) for p in (PRESETS[:1] if CHOICE == "one" else PRESETS)
             for s in (ALL_SLICES if CHOICE == "all" else ALL_SLICES[:1])}
 V2_BF16 = pytest.mark.xfail(strict=True, reason="splash attention's Mosaic kernels have no bf16 matmul on TPU v2 "
                                                 "and v3 (CompileTimeMosaicUnsupportedRhsType): jaxlm/models/splash.py "
-                                                "must run them in float32 there")
+                                                "must run them in float32 there; and a v2 core's 8 GiB hold fewer "
+                                                "sequences than the presets' (Llama Think's 8 is refused)")
 # A preset made far too big for a v5e-8, through jaxlm.bench (the train CLI compiles the others).
 TOO_BIG = ("crowfeather_tpu.py", "v5e:2x4", ["--batch", "512", "--grad_accum", "1"])
 LIBTPU_NOISE = ("TPU_WORKER_HOSTNAMES", "TPU accelerator type", "libtpu", "E0000", "InitGoogle",
