@@ -23,14 +23,14 @@ def test_notebook_runs_in_tiny_setting(name, tmp_path):
     client.execute()  # raises CellExecutionError on any failing cell
     printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "'step': 30" in printed
-    # Executing again (a "reconnect") resumes the finished run instead of training anew.
+    # Executing again (a "reconnect") finds the finished run and says so instead of training anew.
     notebook2 = nbformat.read(REPO / "notebooks" / name, as_version=4)
     notebook2.cells[[i for i, c in enumerate(notebook2.cells) if c is not None and
                      "parameters" in c.metadata.get("tags", [])][0]].source = parameters[0].source
     nbclient.NotebookClient(notebook2, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     printed2 = "".join(o.get("text", "") for c in notebook2.cells if c.cell_type == "code" for o in c.outputs)
-    assert "resumed from" in printed2 and "'step': 30" in printed2
+    assert "already trained to step 30" in printed2 and "'step': 30" in printed2
 
 
 def test_generated_notebooks_are_current():
