@@ -57,6 +57,11 @@ def _load_plugins() -> None:
             register(entry.load())
 
 
+def built_in_names() -> list[str]:
+    """The families that ship in jaxlm (each must be covered by the tests and presets that cover all)."""
+    return sorted(_BUILT_IN)
+
+
 def names() -> list[str]:
     _load_plugins()
     return sorted(set(_BUILT_IN) | set(FAMILIES))
