@@ -10,18 +10,12 @@ PER_DEVICE and the tokens per step: ``jaxlm.tpu.scale_overrides`` gives the two 
 """
 
 from crowfeather import get_config as crowfeather_config
-from jaxlm.config import MeshConfig
-from jaxlm.tpu import PRESET_DEVICES   # the 8 devices a TPU preset is written for
+from jaxlm import tpu
 
 PER_DEVICE = 4
 
 
 def get_config():
-    cfg = crowfeather_config()
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum
-    cfg.mesh = MeshConfig(data=1, fsdp=-1, tensor=1)
-    cfg.train.batch_size = PRESET_DEVICES * PER_DEVICE
-    cfg.train.grad_accum = tokens_per_step // (cfg.train.batch_size * cfg.train.seq_len)
+    cfg = tpu.preset(crowfeather_config(), PER_DEVICE, out_dir="runs/crowfeather_tpu")
     cfg.train.loss_chunk = 1024
-    cfg.out_dir = "runs/crowfeather_tpu"
     return cfg

@@ -10,17 +10,11 @@ PER_DEVICE is the largest that compiles within a v5e chip's HBM both alone and i
 """
 
 from llama_think_95m import get_config as llama_think_config
-from jaxlm.config import MeshConfig
-from jaxlm.tpu import PRESET_DEVICES   # the 8 devices a TPU preset is written for
+from jaxlm import tpu
 
 PER_DEVICE = 8
 
 
 def get_config():
-    cfg = llama_think_config()
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum
-    cfg.mesh = MeshConfig(data=1, fsdp=-1, tensor=1)
-    cfg.train.batch_size = PRESET_DEVICES * PER_DEVICE
-    cfg.train.grad_accum = tokens_per_step // (cfg.train.batch_size * cfg.train.seq_len)
-    cfg.out_dir = "runs/llama_think_tpu"
+    cfg = tpu.preset(llama_think_config(), PER_DEVICE, out_dir="runs/llama_think_tpu")
     return cfg

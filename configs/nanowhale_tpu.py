@@ -11,17 +11,11 @@ PER_DEVICE and the tokens per step: ``jaxlm.tpu.scale_overrides`` gives the two 
 """
 
 from nanowhale_100m import get_config as nanowhale_config
-from jaxlm.config import MeshConfig
-from jaxlm.tpu import PRESET_DEVICES   # the 8 devices a TPU preset is written for
+from jaxlm import tpu
 
 PER_DEVICE = 4
 
 
 def get_config():
-    cfg = nanowhale_config()
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum
-    cfg.mesh = MeshConfig(data=1, fsdp=-1, tensor=1)
-    cfg.train.batch_size = PRESET_DEVICES * PER_DEVICE
-    cfg.train.grad_accum = tokens_per_step // (cfg.train.batch_size * cfg.train.seq_len)
-    cfg.out_dir = "runs/nanowhale_tpu"
+    cfg = tpu.preset(nanowhale_config(), PER_DEVICE, out_dir="runs/nanowhale_tpu")
     return cfg

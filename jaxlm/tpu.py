@@ -83,6 +83,21 @@ def cloud_name(topology: str) -> str:
 PRESET_DEVICES = 8
 
 
+def preset(cfg: C.Config, per_device: int, out_dir: str) -> C.Config:
+    """``cfg`` as a TPU preset: FSDP over all devices, ``per_device`` sequences per device per
+    micro-batch on ``PRESET_DEVICES`` devices, and the recipe's tokens per step (the rest accumulated)."""
+    t = cfg.train
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+    cfg.mesh = C.MeshConfig(data=1, fsdp=-1, tensor=1)
+    t.batch_size = PRESET_DEVICES * per_device
+    if tokens_per_step % (t.batch_size * t.seq_len):
+        raise ConfigError(f"{tokens_per_step} tokens a step are not a whole number of micro-batches of "
+                          f"{t.batch_size} x {t.seq_len}")
+    t.grad_accum = tokens_per_step // (t.batch_size * t.seq_len)
+    cfg.out_dir = out_dir
+    return cfg
+
+
 def presets() -> dict[str, str]:
     """``family -> file name`` of every TPU preset, ``configs/*_tpu.py``."""
     found = {}
