@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 from jaxlm import config as C
 from jaxlm.loss import auto_chunk, lm_loss
 from jaxlm.models import layers
@@ -144,7 +144,7 @@ def test_bench_command_times_jaxlm_and_pytorch_on_cpu(tmp_path):
         [sys.executable, "-m", "jaxlm.bench", "--config", str(config), "--steps", "1", "--repeats", "1",
          "--warmup", "1", "--peak_tflops", "1", "--torch", "--torch_attention", "sdpa", "--json", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=300,
-        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(None)})
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["impl"], r["variant"]) for r in rows] == [("jaxlm", "config"), ("torch", "sdpa")]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 from jaxlm.checkpoint import export_inference, restore_run
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ def command(config, *extra):
 
 
 def env(devices=8):
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu"}
 
 
 def train(config, *extra, devices=8):

@@ -23,7 +23,8 @@ import sys
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import REPO, xla_flags
+
 VOCAB = 96  # the tiny model's vocabulary
 
 
@@ -213,9 +214,8 @@ def _alone(rows) -> set[str]:
 
 
 def _env() -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("XLA_FLAGS", None)
-    return env
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3",
+            "XLA_FLAGS": xla_flags(None)}
 
 
 def _run_alone(module: str, argv: list[str]) -> dict:

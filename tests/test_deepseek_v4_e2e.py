@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import jaxlm
-from conftest import REPO, fixture_dir
+from conftest import REPO, fixture_dir, xla_flags
 from jaxlm.errors import CheckpointError, JaxlmError
 from jaxlm.formats import safetensors_file
 from tools.torch_port.__main__ import main as torch_port
@@ -24,7 +24,7 @@ DEEPSEEK_BOS, DEEPSEEK_EOS, DEEPSEEK_PAD = "<｜begin▁of▁sentence｜>", "<�
 
 
 def env():
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+    return {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu",
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 # Five training processes (each compiles the train step): an end-to-end run, not a fast test.
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ MESHES = {"experts4_data2": ("--config.mesh.experts=4", "--config.mesh.data=2"),
 
 def env(devices, cache):
     # One persistent compilation cache for the module: the resumed run reuses the killed run's compiles.
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+    return {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
             "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 

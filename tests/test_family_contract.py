@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 import tinygpt_family as tg
 from jaxlm import generate as G
 from jaxlm import models
@@ -184,7 +184,7 @@ def get_config():
 def env(**extra):
     """A fresh process's environment: the family's module on the path and named in JAXLM_FAMILIES,
     which is how a jaxlm command line finds a family that lives outside jaxlm."""
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+    return {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu",
             "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]),
             "JAXLM_FAMILIES": "tinygpt_family", **extra}
 

@@ -13,7 +13,7 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import fixture_dir
+from conftest import fixture_dir, xla_flags
 
 torch = pytest.importorskip("torch")
 
@@ -298,7 +298,7 @@ OVERRIDES = ["--config.train.batch_size=2", "--config.train.seq_len=96", "--conf
 
 def _env():
     import os
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    return {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
 
 
 def _train(out_dir, cache, *extra, steps=STEPS):

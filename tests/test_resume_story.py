@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 CONFIG = """
 from jaxlm.config import CheckpointConfig, Config, DataConfig, OptimConfig, TrainConfig
@@ -41,7 +41,7 @@ STEPS = 20
 
 
 def _env():
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
 
 
 def _command(config, out):

@@ -53,9 +53,15 @@ def run_on_mesh(cfg, batches, sizes, n_devices):
     return np.array(losses), state
 
 
-def test_losses_agree_across_meshes(family_run):
+@pytest.fixture(scope="module")
+def mesh_runs(family_run):
+    """``mesh name -> (losses, final state)`` of the family's 20 steps on each mesh."""
     cfg, batches = family_run
-    results = {name: run_on_mesh(cfg, batches, sizes, n) for name, (sizes, n) in MESHES.items()}
+    return cfg, {name: run_on_mesh(cfg, batches, sizes, n) for name, (sizes, n) in MESHES.items()}
+
+
+def test_losses_agree_across_meshes(mesh_runs):
+    _, results = mesh_runs
     reference, _ = results["1 device"]
     assert reference[-1] < reference[0] - 1.0, "the run should actually learn in 20 steps"
     for name, (losses, _) in results.items():
@@ -65,13 +71,12 @@ def test_losses_agree_across_meshes(family_run):
         np.testing.assert_allclose(losses, reference, rtol=1e-4, err_msg=name)
 
 
-def test_fsdp_divides_parameter_and_optimizer_memory(family_run):
+def test_fsdp_divides_parameter_and_optimizer_memory(mesh_runs):
     """Per-device bytes of params + optimizer state, measured from the arrays' shards."""
-    cfg, batches = family_run
+    cfg, results = mesh_runs
     per_device = {}
     for name in ("1 device", "fsdp=8"):
-        sizes, n = MESHES[name]
-        _, state = run_on_mesh(cfg, batches[:1], sizes, n)
+        _, state = results[name]
         tree = {"params": state["params"], "opt_state": state["opt_state"]}
         leaves = [leaf for leaf in jax.tree.leaves(tree) if hasattr(leaf, "addressable_shards")]
         device0 = jax.devices()[0]
