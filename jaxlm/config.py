@@ -16,6 +16,7 @@ generically, without importing them.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import importlib.machinery
 import importlib.util
@@ -369,28 +370,48 @@ def find_config_file(name: str) -> pathlib.Path:
 def load_config(name: str, overrides: list[str] = ()) -> Config:
     """Load a config file, apply ``section.field=value`` overrides, validate."""
     path = find_config_file(name)
-    # Whatever the file's suffix: a config is Python source.
-    loader = importlib.machinery.SourceFileLoader(f"jaxlm_config_{path.stem}", str(path))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    # A config may build on a sibling (shard.py starts from crowfeather.py).
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise ConfigError(f"{path}: a config file must define get_config() returning jaxlm.config.Config")
-        cfg = module.get_config()
-    except JaxlmError:
-        raise
-    except Exception as error:  # noqa: BLE001 - the user's Python: say where it broke, not a traceback
-        raise ConfigError(f"{path}: {_where_it_broke(error, path)}; fix the config file") from None
-    finally:
-        sys.path.remove(str(path.parent))
+    module = load_config_module(name)
+    with _beside(path):
+        try:
+            cfg = module.get_config()
+        except JaxlmError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the user's Python: say where it broke, not a traceback
+            raise ConfigError(f"{path}: {_where_it_broke(error, path)}; fix the config file") from None
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected jaxlm.config.Config")
     for item in overrides:
         apply_override(cfg, item)
     return validate(cfg)
+
+
+def load_config_module(name: str):
+    """The config file as a module (its ``get_config`` not yet called)."""
+    path = find_config_file(name)
+    # Whatever the file's suffix: a config is Python source.
+    loader = importlib.machinery.SourceFileLoader(f"jaxlm_config_{path.stem}", str(path))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    with _beside(path):
+        try:
+            spec.loader.exec_module(module)
+        except JaxlmError:
+            raise
+        except Exception as error:  # noqa: BLE001 - as in load_config
+            raise ConfigError(f"{path}: {_where_it_broke(error, path)}; fix the config file") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: a config file must define get_config() returning jaxlm.config.Config")
+    return module
+
+
+@contextlib.contextmanager
+def _beside(path: pathlib.Path):
+    """A config may build on a sibling (shard.py starts from crowfeather.py): its folder is importable."""
+    sys.path.insert(0, str(path.parent))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(path.parent))
 
 
 def _where_it_broke(error: Exception, path: pathlib.Path) -> str:

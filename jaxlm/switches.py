@@ -41,6 +41,16 @@ class Switch:
 PLATFORM = Switch("target platform", ("cpu", "gpu", "tpu"))
 
 
+# Likewise the kind of device (``jax.Device.device_kind``, e.g. "TPU v2"): kernels whose support
+# differs between generations of one platform follow it.
+DEVICE_KIND = Switch("target device kind")
+
+
 def target_platform() -> str:
     import jax
     return PLATFORM.get() or jax.default_backend()
+
+
+def target_device_kind() -> str:
+    import jax
+    return DEVICE_KIND.get() or jax.devices()[0].device_kind

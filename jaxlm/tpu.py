@@ -79,23 +79,31 @@ def cloud_name(topology: str) -> str:
 # --------------------------------------------------------------------------- the presets
 
 # A TPU preset (``configs/*_tpu.py``, one per family) is written for a slice of this many JAX
-# devices (v2-8, v3-8, v5e-8, v6e-8); ``scale_overrides`` carries it to any other.
+# devices of this much HBM each (a v5e-8); ``slice_overrides`` carries it to any other slice.
 PRESET_DEVICES = 8
+PRESET_HBM_GIB = 16
 
 
-def preset(cfg: C.Config, per_device: int, out_dir: str) -> C.Config:
-    """``cfg`` as a TPU preset: FSDP over all devices, ``per_device`` sequences per device per
-    micro-batch on ``PRESET_DEVICES`` devices, and the recipe's tokens per step (the rest accumulated)."""
-    t = cfg.train
-    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+def preset(cfg: C.Config, per_device: dict[int, int], out_dir: str) -> C.Config:
+    """``cfg`` as a TPU preset: FSDP over all devices and the recipe's tokens per step, with
+    ``per_device[PRESET_HBM_GIB]`` sequences per device per micro-batch on ``PRESET_DEVICES``
+    devices (the rest accumulated).
+
+    ``per_device`` maps GiB of HBM per device to the sequences per device that fit there, as
+    ``--compile_for`` found them; ``slice_overrides`` reads it for other slices."""
     cfg.mesh = C.MeshConfig(data=1, fsdp=-1, tensor=1)
-    t.batch_size = PRESET_DEVICES * per_device
-    if tokens_per_step % (t.batch_size * t.seq_len):
-        raise ConfigError(f"{tokens_per_step} tokens a step are not a whole number of micro-batches of "
-                          f"{t.batch_size} x {t.seq_len}")
-    t.grad_accum = tokens_per_step // (t.batch_size * t.seq_len)
+    cfg.train.batch_size, cfg.train.grad_accum = _micro_batches(cfg.train, PRESET_DEVICES * per_device[PRESET_HBM_GIB])
     cfg.out_dir = out_dir
     return cfg
+
+
+def _micro_batches(t: C.TrainConfig, batch: int) -> tuple[int, int]:
+    """``(batch_size, grad_accum)`` that keep ``t``'s tokens per step at ``batch`` sequences a micro-batch."""
+    rows = t.batch_size * t.grad_accum
+    if rows % batch:
+        raise ConfigError(f"train.batch_size = {t.batch_size} x train.grad_accum = {t.grad_accum} sequences a step "
+                          f"are not whole micro-batches of {batch}; set train.batch_size and train.grad_accum")
+    return batch, rows // batch
 
 
 def presets() -> dict[str, str]:
@@ -107,17 +115,28 @@ def presets() -> dict[str, str]:
     return found
 
 
-def scale_overrides(cfg: C.Config, devices: int) -> list[str]:
-    """The overrides that run a TPU preset on ``devices`` devices: as many sequences per device
-    per micro-batch, and as many tokens per step (more micro-batches on fewer devices)."""
-    t = cfg.train
-    batch = t.batch_size * devices // PRESET_DEVICES
-    rows = t.batch_size * t.grad_accum
-    if batch < 1 or t.batch_size * devices % PRESET_DEVICES or rows % batch:
-        raise ConfigError(f"train.batch_size = {t.batch_size} x train.grad_accum = {t.grad_accum} sequences a "
-                          f"step cannot be spread over {devices} devices at {t.batch_size / PRESET_DEVICES:g} "
-                          "sequences per device; set train.batch_size and train.grad_accum for it")
-    return [f"train.batch_size={batch}", f"train.grad_accum={rows // batch}"]
+def sequences_per_device(preset_name: str, device_kind: str) -> int:
+    """A preset's sequences per device per micro-batch on a device of ``device_kind`` (its
+    ``PER_DEVICE`` entry for the most HBM not above the device's)."""
+    per_device = getattr(C.load_config_module(preset_name), "PER_DEVICE", None)
+    if not isinstance(per_device, dict):
+        raise ConfigError(f"{preset_name}: a TPU preset defines PER_DEVICE = {{GiB of HBM per device: sequences}}")
+    if device_kind not in HBM_BYTES:
+        raise ConfigError(f"{device_kind!r}: HBM unknown; known TPU kinds: {', '.join(HBM_BYTES)}")
+    hbm_gib = HBM_BYTES[device_kind] // GiB
+    fitting = [gib for gib in per_device if gib <= hbm_gib]
+    if not fitting:
+        raise ConfigError(f"{preset_name}: no micro-batch is known to fit {hbm_gib} GiB per device "
+                          f"(PER_DEVICE = {per_device}); find one with --compile_for")
+    return per_device[max(fitting)]
+
+
+def slice_overrides(preset_name: str, devices: int, device_kind: str) -> list[str]:
+    """The overrides that run a TPU preset on ``devices`` devices of ``device_kind``: the
+    sequences per device that fit that device, and the recipe's tokens per step."""
+    batch = devices * sequences_per_device(preset_name, device_kind)
+    batch_size, grad_accum = _micro_batches(C.load_config(preset_name).train, batch)
+    return [f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}"]
 
 
 # --------------------------------------------------------------------------- libtpu, quietly
@@ -241,7 +260,7 @@ def compile_report(cfg: C.Config, topology: str, jit_step) -> Report:
                     config_flops=cfg.model.flops_per_token(t.seq_len) * t.batch_size * t.seq_len * t.grad_accum,
                     compile_s=0.0)
     start = time.perf_counter()
-    with switches.PLATFORM.scope("tpu"):
+    with switches.PLATFORM.scope("tpu"), switches.DEVICE_KIND.scope(kind):
         plan = plan_state(cfg, mesh)
         tokens = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size, t.seq_len + 1), "int32",
                                       sharding=sharding.batch_sharding(mesh, batch_axis=1))

@@ -23,8 +23,8 @@ HARDWARE = {
             'found = jax.devices()\n'
             'CONFIG = tpu.presets()[FAMILY]\n'
             'overrides = ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"]  # FSDP over all TPU cores\n'
-            'if found[0].platform == "tpu" and not TINY:   # as many sequences per device and tokens per step\n'
-            '    overrides += tpu.scale_overrides(load_config(CONFIG), len(found))\n'
+            'if found[0].platform == "tpu" and not TINY:   # the sequences per device that fit, the tokens per step\n'
+            '    overrides += tpu.slice_overrides(CONFIG, len(found), found[0].device_kind)\n'
             'print(f"found {len(found)} x {found[0].device_kind}:", CONFIG, " ".join(overrides[3:]) or "as written")\n'),
     },
     "a100": {
@@ -140,6 +140,8 @@ def main() -> None:
             "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
             "accelerator": "TPU" if name == "tpu" else "GPU",
         })
+        for number, cell in enumerate(notebook.cells):   # stable ids: a rewrite changes only what changed
+            cell.id = f"cell-{number:02d}"
         nbformat.write(notebook, here / f"colab_{name}.ipynb")
 
 

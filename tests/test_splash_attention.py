@@ -114,6 +114,37 @@ def test_tpu_programs_choose_splash():
                          rules=None, interpret=True)
 
 
+def test_on_tpu_v2_and_v3_the_kernel_runs_in_float32_and_returns_bf16():
+    """Their Mosaic matmuls take no bf16: the kernel gets float32 queries, keys and values there."""
+    q, k, v, _ = (x.astype(jnp.bfloat16) for x in inputs("llama_think_full", 128))
+
+    def kernel_dtypes():
+        """The floating dtypes the Pallas kernels are given, anywhere in the traced program."""
+        found, calls = set(), 0
+        def walk(jaxpr):
+            nonlocal calls
+            for eqn in jaxpr.eqns:
+                if eqn.primitive.name == "pallas_call":
+                    calls += 1
+                    found.update(str(x.aval.dtype) for x in eqn.invars if jnp.issubdtype(x.aval.dtype, jnp.floating))
+                for param in eqn.params.values():
+                    for sub in param if isinstance(param, (tuple, list)) else (param,):
+                        if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                            walk(getattr(sub, "jaxpr", sub) if not hasattr(sub, "eqns") else sub)
+        # A new function each time: a traced one keeps the switch it was traced with.
+        attend = lambda q, k, v: splash.attention(q, k, v, window=None, rules=None, interpret=True)
+        walk(jax.make_jaxpr(attend)(q, k, v).jaxpr)
+        assert calls, "no Pallas kernel in the program"
+        return found
+
+    for kind, want in (("TPU v2", {"float32"}), ("TPU v3", {"float32"}), ("TPU v5 lite", {"bfloat16"})):
+        with switches.DEVICE_KIND.scope(kind):
+            assert kernel_dtypes() == want, kind
+            out = jax.eval_shape(lambda q, k, v: splash.attention(q, k, v, window=None, rules=None, interpret=True),
+                                 q, k, v)
+            assert out.dtype == jnp.bfloat16, kind
+
+
 # ----------------------------------------------------------------------------- every family's logits
 
 

@@ -6,7 +6,7 @@ step for a slice on this CPU host; without libtpu the compile tests skip. A full
 share of the suite, so ``JAXLM_TPU_COMPILE`` chooses what is compiled:
 
 * ``one`` (the default): the first preset for one v5e chip, its tightest slice (the whole
-  optimizer state on one chip at the preset's sequences per chip), and a preset made too big;
+  optimizer state on one chip at the preset's sequences per chip), and a config made too big;
 * ``presets``: every preset for one v5e chip;
 * ``all``: every preset for every slice below (a v5e chip, a v5e-8, a v2-8).
 
@@ -41,22 +41,18 @@ if CHOICE not in ("one", "presets", "all"):
     raise ValueError(f"JAXLM_TPU_COMPILE={CHOICE!r}: choose one, presets or all")
 COMPILED = {(p, s) for p in (PRESETS[:1] if CHOICE == "one" else PRESETS)
             for s in (ALL_SLICES if CHOICE == "all" else ALL_SLICES[:1])}
-V2_BF16 = pytest.mark.xfail(strict=True, reason="splash attention's Mosaic kernels have no bf16 matmul on TPU v2 "
-                                                "and v3 (CompileTimeMosaicUnsupportedRhsType): jaxlm/models/splash.py "
-                                                "must run them in float32 there; and a v2 core's 8 GiB hold fewer "
-                                                "sequences than the presets' (Llama Think's 8 is refused)")
-# A preset made far too big for a v5e-8, through jaxlm.bench (the train CLI compiles the others).
-TOO_BIG = ("crowfeather_tpu.py", "v5e:2x4", ["--batch", "512", "--grad_accum", "1"])
+# A config made far too big for a v5e-8, through jaxlm.bench (the train CLI compiles the others):
+# the quickstart's, whose refusal takes seconds to compile.
+TOO_BIG = ("quickstart.py", "v5e:2x4", ["--batch", "65536", "--grad_accum", "1"])
 LIBTPU_NOISE = ("TPU_WORKER_HOSTNAMES", "TPU accelerator type", "libtpu", "E0000", "InitGoogle",
                 "Source Location Trace")
 
 
 def slice_overrides(preset: str, topology: str) -> list[str]:
-    """The README's overrides for a preset on a slice of another size than the preset's 8 devices."""
+    """The README's overrides for a preset on a slice other than the 8 v5e chips it is written for."""
     devices = 1 if topology.endswith(":1x1") else tpu.PRESET_DEVICES
-    if devices == tpu.PRESET_DEVICES:
-        return []
-    return ["--config." + o for o in tpu.scale_overrides(C.load_config(preset), devices)]
+    kind = "TPU v2" if topology.startswith("v2") else "TPU v5 lite"
+    return ["--config." + o for o in tpu.slice_overrides(preset, devices, kind)]
 
 
 def compile_for(preset: str, topology: str, extra: list[str], cli: str = "train") -> subprocess.CompletedProcess:
@@ -87,11 +83,8 @@ def compiled_table(compiled, preset, topology) -> tuple[str, dict]:
     return out, dict(re.findall(r"^\s*(\w[\w ]*?)\s{2,}(.+)$", out, re.M))
 
 
-SLICE_PARAMS = [pytest.param(s, marks=[V2_BF16] if s.startswith("v2") else []) for s in ALL_SLICES]
-
-
 @needs_libtpu
-@pytest.mark.parametrize("topology", SLICE_PARAMS)
+@pytest.mark.parametrize("topology", ALL_SLICES)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_fits_the_slice(compiled, preset, topology):
     out, table = compiled_table(compiled, preset, topology)
@@ -137,14 +130,29 @@ def test_every_family_has_a_tpu_preset():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_keep_their_recipe_on_any_slice(preset):
-    """FSDP over every device; on 1, 4 or 8 devices the same sequences per device and tokens per step."""
+    """FSDP over every device; on 1, 4 or 8 devices of any kind the sequences per device its HBM
+    fits (the preset's own on a v5e) and the recipe's tokens per step."""
     cfg = C.load_config(preset)
     t = cfg.train
     assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (1, -1, 1)
-    for devices in (1, 4, 8):
-        scaled = C.load_config(preset, tpu.scale_overrides(cfg, devices)).train
-        assert scaled.batch_size / devices == t.batch_size / tpu.PRESET_DEVICES
-        assert scaled.batch_size * scaled.grad_accum == t.batch_size * t.grad_accum
+    per_device = C.load_config_module(preset).PER_DEVICE
+    assert t.batch_size == tpu.PRESET_DEVICES * per_device[tpu.PRESET_HBM_GIB]
+    for kind in ("TPU v5 lite", "TPU v6 lite", "TPU v2"):
+        per = tpu.sequences_per_device(preset, kind)
+        assert per == per_device[max(g for g in per_device if g <= tpu.HBM_BYTES[kind] // tpu.GiB)]
+        for devices in (1, 4, 8):
+            scaled = C.load_config(preset, tpu.slice_overrides(preset, devices, kind)).train
+            assert scaled.batch_size == devices * per
+            assert scaled.batch_size * scaled.grad_accum == t.batch_size * t.grad_accum
+
+
+def test_a_device_no_micro_batch_is_known_to_fit_is_refused(tmp_path):
+    big_chips_only = tmp_path / "big_chips_only_tpu.py"
+    big_chips_only.write_text("PER_DEVICE = {32: 1}\n\n\ndef get_config():\n    raise NotImplementedError\n")
+    with pytest.raises(tpu.ConfigError, match="no micro-batch is known to fit 8 GiB per device"):
+        tpu.sequences_per_device(str(big_chips_only), "TPU v2")
+    with pytest.raises(tpu.ConfigError, match="HBM unknown"):
+        tpu.sequences_per_device(PRESETS[0], "TPU v9")
 
 
 def test_slice_names():

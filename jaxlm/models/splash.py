@@ -15,6 +15,8 @@ This module fits our tensors and conventions to the kernel:
 * A ``pallas_call`` is not partitioned by XLA. Under a mesh the kernel runs in ``shard_map``:
   sequences split as the activation rules split the batch, heads as they split attention heads
   (where the head counts divide), with no communication inside.
+* TPU v2 and v3 have no bf16 matrix product in Mosaic (the kernels' compiler refuses it): there
+  the kernel runs in float32 and its output is cast back.
 * ``interpret=True`` runs the kernel in Pallas' interpreter, on any backend: how tests on a CPU
   compare it with XLA's attention.
 """
@@ -28,7 +30,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
+from jaxlm import switches
+
 LANES = 128
+FLOAT32_ONLY = ("TPU v2", "TPU v3")   # device kinds whose Mosaic matmuls take no bf16
 BLOCKS = (512, 256, LANES)   # the largest that divides the padded length is used
 
 
@@ -61,8 +66,10 @@ def _attend(q_BTHK, k_BTGK, v_BTGK, *, window: int | None, interpret: bool):
     B, T, H, K = q_BTHK.shape
     G = k_BTGK.shape[2]
     padded, _ = block_size(T)
-    scale = 1.0 / math.sqrt(K)
-    q_BTHK = (q_BTHK.astype(jnp.float32) * scale).astype(q_BTHK.dtype)
+    out_dtype = q_BTHK.dtype
+    compute_dtype = jnp.float32 if switches.target_device_kind() in FLOAT32_ONLY else out_dtype
+    k_BTGK, v_BTGK = k_BTGK.astype(compute_dtype), v_BTGK.astype(compute_dtype)
+    q_BTHK = (q_BTHK.astype(jnp.float32) * (1.0 / math.sqrt(K))).astype(compute_dtype)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - T), (0, 0), (0, 0)))
     q_BHTK = pad(q_BTHK).transpose(0, 2, 1, 3)
     k_BGTK, v_BGTK = (pad(x).transpose(0, 2, 1, 3) for x in (k_BTGK, v_BTGK))
@@ -70,7 +77,7 @@ def _attend(q_BTHK, k_BTGK, v_BTGK, *, window: int | None, interpret: bool):
         k_BGTK, v_BGTK = k_BGTK[:, 0], v_BGTK[:, 0]
     kernel = _kernel(H, G == 1, T, window, interpret)
     out_BHTK = jax.vmap(kernel)(q_BHTK, k_BGTK, v_BGTK)
-    return out_BHTK.transpose(0, 2, 1, 3)[:, :T]
+    return out_BHTK.transpose(0, 2, 1, 3)[:, :T].astype(out_dtype)
 
 
 def _shard_map(f, mesh, in_specs, out_specs):
