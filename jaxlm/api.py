@@ -56,7 +56,7 @@ class LoadedModel:
         return self.tokenizer.encode(text).ids
 
 
-def _find_tokenizer(path: pathlib.Path, explicit, vocab_size: int):
+def find_tokenizer(path: pathlib.Path, explicit, vocab_size: int):
     """``(tokenizer, its file)`` named by ``explicit`` or found beside the checkpoint, or ``(None, None)``.
 
     Read with the checks of ``jaxlm.data.tokenizer`` (a file that is not a tokenizer, one with more
@@ -135,7 +135,7 @@ def load(path, *, filename: str | None = None, dtype: str = "float32", tokenizer
     if compute is None:
         raise CheckpointError(f"dtype {dtype!r}: allowed 'float32', 'bfloat16'")
     # The tokenizer first: one that does not fit the model is refused before any weight is built.
-    tok, tok_path = _find_tokenizer(path, tokenizer, conv.model_cfg.vocab_size)
+    tok, tok_path = find_tokenizer(path, tokenizer, conv.model_cfg.vocab_size)
     model = model_from_params(conv.model_cfg, conv.params, dtype=compute, source=str(path))
     return LoadedModel(model=model, cfg=conv.model_cfg, tokenizer=tok, step=conv.step, source=str(path),
                        notes=list(conv.notes), eos_id=_eos_id(tok, tok_path, conv.run_config))

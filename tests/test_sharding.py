@@ -22,7 +22,7 @@ MESHES = {  # name: (data, fsdp, tensor), and how many devices
 # One small config per family; nanowhale's meshes (experts x data among them) are trained in
 # tests/test_deepseek_v4_train.py through the command line.
 FAMILY_CONFIGS = {
-    "toylm": ("quickstart.py", ["train.batch_size=8", "optim.warmup_steps=5"]),
+    "toylm": ("quickstart.py", ["train.batch_size=8", "train.seq_len=64", "model.sliding_window=32", "optim.warmup_steps=5"]),
     "hybrid": ("llama_think_tiny.py", ["model.n_layers=4", 'model.layer_types=["linear","linear","csa","full"]',
                                        "train.seq_len=64", "optim.warmup_steps=5"]),
 }

@@ -30,9 +30,9 @@ def _tokenizer_files(src, explicit, vocab_size: int) -> list[pathlib.Path]:
     against the model's vocabulary, so that a file that is not a tokenizer is refused in one line),
     else the one ``jaxlm.load(src)`` would use; with the ``tokenizer_config.json`` beside it that
     names its EOS. [] when there is none."""
-    from jaxlm.api import _find_tokenizer
+    from jaxlm.api import find_tokenizer
     from jaxlm.data.tokenizer import TOKENIZER_CONFIG
-    _, path = _find_tokenizer(pathlib.Path(src), explicit, vocab_size)
+    _, path = find_tokenizer(pathlib.Path(src), explicit, vocab_size)
     if path is None:
         return []
     config = path.with_name(TOKENIZER_CONFIG)
