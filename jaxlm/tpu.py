@@ -91,6 +91,9 @@ def preset(cfg: C.Config, per_device: dict[int, int], out_dir: str) -> C.Config:
 
     ``per_device`` maps GiB of HBM per device to the sequences per device that fit there, as
     ``--compile_for`` found them; ``slice_overrides`` reads it for other slices."""
+    if PRESET_HBM_GIB not in per_device:
+        raise ConfigError(f"PER_DEVICE = {per_device}: a TPU preset gives the sequences per device that fit "
+                          f"{PRESET_HBM_GIB} GiB (the {PRESET_DEVICES} devices it is written for)")
     cfg.mesh = C.MeshConfig(data=1, fsdp=-1, tensor=1)
     cfg.train.batch_size, cfg.train.grad_accum = _micro_batches(cfg.train, PRESET_DEVICES * per_device[PRESET_HBM_GIB])
     cfg.out_dir = out_dir

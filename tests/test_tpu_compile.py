@@ -155,6 +155,8 @@ def test_a_device_no_micro_batch_is_known_to_fit_is_refused(tmp_path):
         tpu.sequences_per_device(str(big_chips_only), "TPU v2")
     with pytest.raises(tpu.ConfigError, match="HBM unknown"):
         tpu.sequences_per_device(PRESETS[0], "TPU v9")
+    with pytest.raises(tpu.ConfigError, match="the sequences per device that fit 16 GiB"):
+        tpu.preset(C.load_config(PRESETS[0]), {8: 2}, out_dir=str(tmp_path))
 
 
 def test_slice_names():
