@@ -51,6 +51,7 @@ TOPOLOGIES = {
 HBM_BYTES = {
     "TPU v2": 8 * GiB,
     "TPU v3": 16 * GiB,
+    "TPU v4": 32 * GiB,        # one device per chip (its two cores act as one)
     "TPU v5 lite": 16 * GiB,   # v5e
     "TPU v5": 95 * GiB,        # v5p
     "TPU v6 lite": 32 * GiB,   # v6e
