@@ -16,9 +16,9 @@ import pytest
 
 def xla_flags(devices: int | None) -> str:
     """``XLA_FLAGS`` for this process and the processes tests start: ``devices`` fake CPU devices
-    (None: XLA's default, one), and the CPU backend's optimisation level 0. The suite's programs
-    are tiny, so compiling is most of its time, and level 0 halves it (the tiny hybrid's train
-    step: 25 s -> 11 s to compile, 20 steps 1.8 s -> 3.1 s to run)."""
+    (None: XLA's default, one), and the CPU backend's optimisation level 0: the suite's programs
+    are tiny, so compiling is most of its time, and level 0 compiles faster for slower code (the
+    figures are in the README)."""
     count = "" if devices is None else f"--xla_force_host_platform_device_count={devices} "
     return count + "--xla_backend_optimization_level=0"
 

@@ -2,12 +2,12 @@
 
 The TPU compiler (libtpu, the ``[tpu]`` extra that ``[dev]`` includes) compiles the real training
 step for a slice on this CPU host; without libtpu the compile tests skip. A full-size step takes
-1 to 7 minutes of one core to compile (docs/PERFORMANCE.md, "TPU presets"), so
-``JAXLM_TPU_COMPILE`` chooses what is compiled:
+minutes of one core to compile (docs/PERFORMANCE.md, "TPU presets"), so ``JAXLM_TPU_COMPILE``
+chooses what is compiled:
 
 * ``presets`` (the default, what CI runs): every preset for a v2-8, whose 8 GiB cores are the
-  least HBM per device a preset is written for and whose compiles are the quickest (1.4 to 3.5
-  minutes), and a config made too big;
+  least HBM per device a preset is written for and whose compiles are the quickest, and a config
+  made too big;
 * ``all``: every preset for every slice below (a v5e chip, a v5e-8, a v2-8);
 * ``one``: the first preset for a v2-8 (a quick local check).
 
@@ -34,8 +34,10 @@ HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]'): "
                                                          "compiling for a TPU needs the TPU compiler")
 
-# The slices of a Colab / Cloud user: one v5e chip, a v5e-8 and a v2-8 (compiled by default).
-ALL_SLICES = ("v5e:1x1", "v5e:2x4", "v2:2x2")
+# The slices of a Colab / Cloud user, with their devices' kind: one v5e chip, a v5e-8 and a v2-8
+# (compiled by default).
+SLICE_KINDS = {"v5e:1x1": "TPU v5 lite", "v5e:2x4": "TPU v5 lite", "v2:2x2": "TPU v2"}
+ALL_SLICES = tuple(SLICE_KINDS)
 DEFAULT_SLICE = "v2:2x2"
 PRESETS = sorted(path.name for path in (REPO / "configs").glob("*_tpu.py"))
 CHOICE = os.environ.get("JAXLM_TPU_COMPILE", "presets")
@@ -53,8 +55,7 @@ LIBTPU_NOISE = ("TPU_WORKER_HOSTNAMES", "TPU accelerator type", "libtpu", "E0000
 def slice_overrides(preset: str, topology: str) -> list[str]:
     """The README's overrides for a preset on a slice other than the 8 v5e chips it is written for."""
     devices = 1 if topology.endswith(":1x1") else tpu.PRESET_DEVICES
-    kind = "TPU v2" if topology.startswith("v2") else "TPU v5 lite"
-    return ["--config." + o for o in tpu.slice_overrides(preset, devices, kind)]
+    return ["--config." + o for o in tpu.slice_overrides(preset, devices, SLICE_KINDS[topology])]
 
 
 def compile_for(preset: str, topology: str, extra: list[str], cli: str = "train") -> subprocess.CompletedProcess:
@@ -77,7 +78,7 @@ def compiled():
 
 def compiled_table(compiled, preset, topology) -> tuple[str, dict]:
     if (preset, topology) not in compiled:
-        pytest.skip(f"{preset} for {topology}: compiled with JAXLM_TPU_COMPILE=presets or all (minutes of CPU each)")
+        pytest.skip(f"{preset} for {topology}: compiled with JAXLM_TPU_COMPILE=all (minutes of CPU each)")
     done = compiled[(preset, topology)]
     out, err = done.stdout, done.stderr
     assert done.returncode == 0, f"{preset} on {topology}:\n{out}\n{err}"
@@ -91,7 +92,7 @@ def compiled_table(compiled, preset, topology) -> tuple[str, dict]:
 def test_preset_fits_the_slice(compiled, preset, topology):
     out, table = compiled_table(compiled, preset, topology)
     assert out.splitlines()[-1].startswith("fits: "), out
-    hbm = tpu.HBM_BYTES["TPU v2" if topology.startswith("v2") else "TPU v5 lite"] / tpu.GiB
+    hbm = tpu.HBM_BYTES[SLICE_KINDS[topology]] / tpu.GiB
     total = float(re.search(r"total\s+([\d.]+) GiB", out).group(1))
     assert 0 < total <= hbm and f"of {hbm:.2f} GiB HBM" in out
     for row in ("arguments", "outputs", "temporaries", "program"):
