@@ -7,8 +7,12 @@ sharding tests run on any machine; single-device tests simply use device 0.
 import atexit
 import os
 import pathlib
+import queue
 import shutil
+import subprocess
 import tempfile
+import threading
+import time
 
 import pytest
 
@@ -48,6 +52,40 @@ def fixture_dir(name: str) -> pathlib.Path:
     if not path.is_dir():
         pytest.skip(f"golden fixtures not found at {path} (set JAXLM_FIXTURES to the shared/fixtures folder)")
     return path
+
+
+def read_until(process: subprocess.Popen, done, timeout: float = 300.0, or_end: bool = False) -> list[str]:
+    """The lines ``process`` prints (a text ``stdout`` pipe) up to and including the first for which
+    ``done(line)`` is true (or, with ``or_end``, all of them if none is); the rest stays in the pipe
+    for ``communicate``. A test never waits on a process for ever: if ``timeout`` seconds pass (the
+    process is then killed), or the output ends first without ``or_end``, this fails the test with
+    what was read."""
+    lines: queue.Queue = queue.Queue()
+
+    def reader():
+        for line in process.stdout:
+            lines.put(line)
+            if done(line):
+                return
+        lines.put(None)   # end of output
+
+    threading.Thread(target=reader, daemon=True).start()
+    seen, deadline = [], time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            process.kill()
+            pytest.fail(f"no line awaited within {timeout:.0f} s; the process printed:\n{''.join(seen)[-3000:]}")
+        if line is None:
+            process.wait(timeout=60)
+            if or_end:
+                return seen
+            pytest.fail(f"the process ended (exit {process.returncode}) before the line awaited:\n"
+                        f"{''.join(seen)[-3000:]}")
+        seen.append(line)
+        if done(line):
+            return seen
 
 
 def pytest_configure(config):

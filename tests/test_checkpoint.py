@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO, xla_flags
+from conftest import REPO, read_until, xla_flags
 from jaxlm.checkpoint import export_inference, restore_run
 
 pytestmark = pytest.mark.slow
@@ -89,16 +89,14 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
         process = subprocess.Popen(command(killed_cfg, "--config.train.log_every=1"), cwd=REPO, env=env(),
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         target = rng.randint(last_seen + 1, 32)  # past 29: let this attempt finish
-        for line in process.stdout:
-            if not line.startswith("train step "):
-                continue
-            last_seen = int(line.split()[2].rstrip(":"))
-            if last_seen >= target and target < 30:
-                time.sleep(rng.uniform(0.0, 0.3))
-                process.send_signal(signal.SIGKILL)
-                kill_steps.append(target)
-                break
-        process.communicate()
+        step_of = lambda line: int(line.split()[2].rstrip(":")) if line.startswith("train step ") else 0
+        seen = read_until(process, lambda line: target < 30 and step_of(line) >= target, or_end=True)
+        last_seen = max([last_seen] + [step_of(line) for line in seen])
+        if target < 30 and last_seen >= target:
+            time.sleep(rng.uniform(0.0, 0.3))
+            process.send_signal(signal.SIGKILL)
+            kill_steps.append(target)
+        process.communicate(timeout=300)
         if process.returncode == 0:
             break
     else:
@@ -113,9 +111,7 @@ def test_sigterm_saves_the_current_step_and_exits(tmp_path):
     config, out = write_config(tmp_path, "term", steps=100_000, every=0)
     process = subprocess.Popen(command(config), cwd=REPO, env=env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:  # wait until training is under way
-        if "train step 10:" in line:
-            break
+    read_until(process, lambda line: "train step 10:" in line)   # training is under way
     process.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     rest = process.communicate(timeout=60)[0]
@@ -218,12 +214,16 @@ def test_two_processes_train_checkpoint_die_and_resume_on_one(tmp_path):
     checkpoints = out / "checkpoints"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (checkpoints / "10" / "data").is_dir():
-        assert all(p.poll() is None for p in processes), processes[0].communicate()[0][-3000:]
+        if any(p.poll() is not None for p in processes):   # the other would wait for it for ever
+            for p in processes:
+                p.kill()
+            pytest.fail("a process ended before the save of step 10:\n"
+                        + "\n".join(p.communicate(timeout=60)[0][-3000:] for p in processes))
         time.sleep(0.2)
     time.sleep(1.0)
     for p in processes:
         p.send_signal(signal.SIGKILL)
-        p.communicate()
+        p.communicate(timeout=60)
     saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
     assert saved and saved[-1] >= 10
     assert sorted(q.name for q in (checkpoints / str(saved[-1]) / "data").glob("process_*")) == [
@@ -239,7 +239,6 @@ def test_two_processes_train_checkpoint_die_and_resume_on_one(tmp_path):
 def test_a_save_that_runs_out_of_space_leaves_the_previous_checkpoint_intact(tmp_path):
     """Writes beyond a file-size limit fail (EFBIG) as they do on a full disk: the limit lets the
     run start (config and tokenizer files are small) but no checkpoint file fits."""
-    import resource
     config, out = write_config(tmp_path, "full_disk", steps=10, every=5)
     train(config)
     reference, _ = final_params(out)                      # step 10 of an undisturbed run
@@ -247,12 +246,15 @@ def test_a_save_that_runs_out_of_space_leaves_the_previous_checkpoint_intact(tmp
     before, step = final_params(out)
     assert step == 5
 
-    def small_files_only():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write returns an error instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, 32 * 1024))
-
-    failed = subprocess.run(command(config), capture_output=True, text=True, cwd=REPO, env=env(), timeout=300,
-                            preexec_fn=small_files_only)
+    # The limit is set by a small process that then becomes the run (exec), not by ``preexec_fn``:
+    # Python code between fork and exec in this process, whose JAX threads may hold locks, can
+    # deadlock the child, and with it ``Popen`` itself. SIGXFSZ ignored: a failing write returns
+    # an error instead of killing the run.
+    small_files_only = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                        "resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, 32 * 1024)); "
+                        "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+    failed = subprocess.run([sys.executable, "-c", small_files_only, *command(config)[1:]], capture_output=True,
+                            text=True, cwd=REPO, env=env(), timeout=300)
     assert "resumed from" in failed.stdout and "train step 10:" in failed.stdout, failed.stderr[-2000:]
     assert failed.returncode == 2  # the save of step 10 could not be written, and the user is told so
     assert "error: could not write the checkpoint of step 10" in failed.stderr

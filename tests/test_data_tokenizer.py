@@ -128,7 +128,7 @@ def test_trained_file_hash_is_stable_across_processes(tmp_path):
     for i, threads in enumerate(("1", "2")):
         out = tmp_path / f"t{i}.json"
         subprocess.run([sys.executable, "-m", "jaxlm.data.tokenizer", "train", "--source", str(corpus),
-                        "--vocab-size", "330", "--out", str(out)], check=True, capture_output=True,
+                        "--vocab-size", "330", "--out", str(out)], check=True, capture_output=True, timeout=300,
                        env={"RAYON_NUM_THREADS": threads, "PYTHONHASHSEED": str(i),
                             "PATH": "/usr/bin:/bin", "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
         digests.add(hashlib.sha256(out.read_bytes()).hexdigest())

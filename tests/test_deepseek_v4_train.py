@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO, xla_flags
+from conftest import REPO, read_until, xla_flags
 
 # Five training processes (each compiles the train step): an end-to-end run, not a fast test.
 pytestmark = pytest.mark.slow
@@ -65,23 +65,17 @@ def runs(tmp_path_factory):
     popen = lambda out, devices, *extra: subprocess.Popen(command(out, root, *extra), cwd=REPO, env=env(devices, cache),
                                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     reference = popen(root / "reference", 1)
-    logs = {"reference": []}
-    others = {}
-    killed_log = []
-    for line in reference.stdout:
-        logs["reference"].append(line)
-        if not others and line.startswith("train step 1:"):   # the tokenizer is cached: the others may start
-            others["killed"] = popen(root / "killed", 1)
-            for name, extra in MESHES.items():
-                others[name] = popen(root / name, 8, *extra)
-    reference.communicate(timeout=600)
-    assert reference.returncode == 0 and others, "".join(logs["reference"])[-3000:]
+    logs = {"reference": read_until(reference, lambda line: line.startswith("train step 1:"), timeout=600)}
+    # The tokenizer is cached now: the others may start.
+    others = {"killed": popen(root / "killed", 1)}
+    for name, extra in MESHES.items():
+        others[name] = popen(root / name, 8, *extra)
+    logs["reference"].append(reference.communicate(timeout=600)[0])
+    assert reference.returncode == 0, "".join(logs["reference"])[-3000:]
     killed = others.pop("killed")
-    for line in killed.stdout:   # killed past the save of step 4, perhaps while a save is written
-        killed_log.append(line)
-        if line.startswith("train step 5:"):
-            killed.send_signal(signal.SIGKILL)
-            break
+    # Killed past the save of step 4, perhaps while a save is written.
+    killed_log = read_until(killed, lambda line: line.startswith("train step 5:"), timeout=600)
+    killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=600)
     assert killed.returncode == -signal.SIGKILL, "".join(killed_log)[-3000:]
     resumed = subprocess.run(command(root / "killed", root), cwd=REPO, env=env(1, cache), capture_output=True,

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO, xla_flags
+from conftest import REPO, read_until, xla_flags
 import tinygpt_family as tg
 from jaxlm import generate as G
 from jaxlm import models
@@ -246,20 +246,14 @@ def test_trains_through_the_cli_is_sigkilled_and_resumes_bit_identically(runs):
     # which the reference fills first: the killed run starts once the reference logs its first step).
     reference = subprocess.Popen(train_command(reference_cfg), cwd=REPO, env=env(), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
-    reference_log, killed = [], None
-    for line in reference.stdout:
-        reference_log.append(line)
-        if killed is None and line.startswith("train step 1:"):
-            killed = subprocess.Popen(train_command(killed_cfg), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True)
-    reference.communicate(timeout=300)
-    assert reference.returncode == 0 and killed is not None, "".join(reference_log)[-3000:]
-    killed_log = []
-    for line in killed.stdout:   # killed past the save of step 10 (every 5), perhaps while it is written
-        killed_log.append(line)
-        if line.startswith("train step 12:"):
-            killed.send_signal(signal.SIGKILL)
-            break
+    reference_log = read_until(reference, lambda line: line.startswith("train step 1:"))
+    killed = subprocess.Popen(train_command(killed_cfg), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    reference_log.append(reference.communicate(timeout=300)[0])
+    assert reference.returncode == 0, "".join(reference_log)[-3000:]
+    # Killed past the save of step 10 (every 5), perhaps while it is written.
+    killed_log = read_until(killed, lambda line: line.startswith("train step 12:"))
+    killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=300)
     assert killed.returncode == -signal.SIGKILL, "".join(killed_log)[-3000:]
 

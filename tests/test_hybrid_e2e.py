@@ -13,7 +13,7 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import fixture_dir, xla_flags
+from conftest import fixture_dir, read_until, xla_flags
 
 torch = pytest.importorskip("torch")
 
@@ -348,10 +348,8 @@ def test_train_is_sigkilled_and_resumes_bit_identically(tmp_path, cache):
     assert reference.returncode == 0, (reference.stdout + reference.stderr)[-3000:]
     killed = subprocess.Popen(_train(tmp_path / "killed", cache), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-    for line in killed.stdout:   # past the save of step 6 (every 3)
-        if line.startswith("train step 7:"):
-            killed.send_signal(signal.SIGKILL)
-            break
+    read_until(killed, lambda line: line.startswith("train step 7:"), timeout=600)   # past the save of step 6 (every 3)
+    killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=120)
     assert killed.returncode == -signal.SIGKILL
     resumed = subprocess.run(_train(tmp_path / "killed", cache), capture_output=True, text=True, cwd=REPO,

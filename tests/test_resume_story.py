@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, xla_flags
+from conftest import REPO, read_until, xla_flags
 
 CONFIG = """
 from jaxlm.config import CheckpointConfig, Config, DataConfig, OptimConfig, TrainConfig
@@ -52,12 +52,8 @@ def _run_until(config, out, line_start: str, sig) -> tuple[int, str]:
     """Start training, send ``sig`` once a line starting with ``line_start`` is printed."""
     process = subprocess.Popen(_command(config, out), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in process.stdout:
-        seen.append(line)
-        if line.startswith(line_start):
-            process.send_signal(sig)
-            break
+    seen = read_until(process, lambda line: line.startswith(line_start))
+    process.send_signal(sig)
     rest = process.communicate(timeout=120)[0]
     return process.returncode, "".join(seen) + rest
 

@@ -30,6 +30,9 @@ from conftest import REPO
 from jaxlm import config as C
 from jaxlm import tpu
 
+# The first test to read ``compiled`` waits for every compile (two at a time, minutes each).
+pytestmark = pytest.mark.timeout(2400)
+
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]'): "
                                                          "compiling for a TPU needs the TPU compiler")
@@ -63,7 +66,7 @@ def compile_for(preset: str, topology: str, extra: list[str], cli: str = "train"
     if cli == "train":
         command.append("--dry_run")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=1800)
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +128,8 @@ def test_every_family_has_a_tpu_preset():
     """A family added later fails here until it has a configs/<name>_tpu.py."""
     probe = ("import json; from jaxlm import models, tpu; "
              "print(json.dumps([[f.name for f in models.all_families()], tpu.presets()]))")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True,
+                          timeout=300)
     families, presets = json.loads(done.stdout.splitlines()[-1])
     assert set(presets) == {C.load_config(p).model.family for p in PRESETS}
     assert not set(families) - set(presets), f"families without a TPU preset: {set(families) - set(presets)}"
@@ -207,7 +211,8 @@ print(json.dumps(found))
 def test_sequence_by_sequence_buffers_are_found_in_a_compiled_tpu_program():
     """The check above looks where dense attention would be: XLA's attention compiled for a TPU
     shows its T x T buffers, splash attention's shows none."""
-    done = subprocess.run([sys.executable, "-c", ATTENTION_HLO], capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run([sys.executable, "-c", ATTENTION_HLO], capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.splitlines()[-1])
     assert found["xla"] and all("512,512" in shape for shape in found["xla"]), found
@@ -216,7 +221,8 @@ def test_sequence_by_sequence_buffers_are_found_in_a_compiled_tpu_program():
 
 def test_cli_errors_are_one_line():
     unknown = subprocess.run([sys.executable, "-m", "jaxlm.train", "--config", PRESETS[0], "--dry_run",
-                              "--compile_for", "v9-8"], capture_output=True, text=True, cwd=REPO)
+                              "--compile_for", "v9-8"], capture_output=True, text=True, cwd=REPO,
+                             timeout=300)
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1, unknown.stderr
     assert "unknown TPU slice; known: v2:2x2 (v2-8)" in unknown.stderr and "v5e:2x4 (v5e-8" in unknown.stderr
     # Without libtpu: the extra to install, in one line.
@@ -226,6 +232,7 @@ def test_cli_errors_are_one_line():
     for module in ("jaxlm.train", "jaxlm.bench"):
         args = ["--config", PRESETS[0], "--compile_for", "v5e-8"] + (["--dry_run"] if module == "jaxlm.train" else [])
         code = no_libtpu.replace("jaxlm.train", module)
-        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO)
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
+                              timeout=300)
         assert done.returncode == 2, done.stdout + done.stderr
         assert done.stderr == f"error: {tpu.MISSING_LIBTPU}\n", done.stderr
