@@ -212,6 +212,32 @@ def test_dispatch_paths_agree():
     assert np.abs(dropped_y - np.asarray(base_y)).max() > 1e-4
 
 
+@pytest.mark.parametrize("sizes", [(5, 0, 12, 3), (0, 0, 20, 0), (8, 8, 0, 4), (1, 2, 3, 14)])
+def test_grouped_matmul_gradients_equal_ragged_dot_and_a_float64_loop(sizes):
+    """The tiled weight gradient (tile 4 here, so groups end inside, at and across tiles; empty
+    groups; one group holding every row) against ragged_dot's own autodiff and per-group sums."""
+    from jaxlm.models.deepseek_v4 import moe
+
+    rng = np.random.default_rng(sum(sizes))
+    A, K, N, E = sum(sizes), 6, 5, len(sizes)
+    x, dy = rng.normal(size=(A, K)), rng.normal(size=(A, N))
+    w = rng.normal(size=(E, K, N))
+    sizes_E = jnp.asarray(sizes, jnp.int32)
+    tiled = moe.grouped_weight_grad(jnp.asarray(x, jnp.float32), jnp.asarray(dy, jnp.float32), sizes_E, tile=4)
+    bounds = np.cumsum((0,) + sizes)
+    want = np.stack([x[a:b].T @ dy[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+    np.testing.assert_allclose(np.asarray(tiled), want, rtol=1e-5, atol=1e-5)
+
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * f32(dy))
+    ours = jax.grad(loss(lambda x, w: moe.grouped_matmul(x, w, sizes_E)), argnums=(0, 1))(f32(x), f32(w))
+    ragged = jax.grad(loss(lambda x, w: jax.lax.ragged_dot(x, w, sizes_E)), argnums=(0, 1))(f32(x), f32(w))
+    for a, b in zip(ours, ragged):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(moe.grouped_matmul(f32(x), f32(w), sizes_E)),
+                               np.asarray(jax.lax.ragged_dot(f32(x), f32(w), sizes_E)), rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- decoding
 
 

@@ -80,6 +80,53 @@ class Experts(nnx.Module):
         self.w2 = init((n_experts, hidden, dim), ("experts", "mlp", "embed"))   # down projection
 
 
+WEIGHT_GRAD_TILE = 256   # rows per tile of the grouped weight gradient
+
+
+@jax.custom_vjp
+def grouped_matmul(x_AK, w_EKN, sizes_E):
+    """``jax.lax.ragged_dot``: rows ``x_AK`` sorted by group, group ``e`` (``sizes_E[e]`` rows) times
+    ``w_EKN[e]``; float32 out. Its weight gradient is computed tile by tile (below), not by the
+    autodiff of ragged_dot, which XLA:GPU lowers to a dense product over every group with the
+    rows of the others masked out: E times the arithmetic, and an ``[E, A, N]`` float32 copy."""
+    return jax.lax.ragged_dot(x_AK, w_EKN, sizes_E, preferred_element_type=jnp.float32)
+
+
+def _grouped_matmul_fwd(x_AK, w_EKN, sizes_E):
+    return grouped_matmul(x_AK, w_EKN, sizes_E), (x_AK, w_EKN, sizes_E)
+
+
+def grouped_weight_grad(x_AK, dy_AN, sizes_E, tile: int = WEIGHT_GRAD_TILE):
+    """``[E, K, N]`` float32: ``x_e^T dy_e`` per group of sorted rows. Each group is cut into tiles of
+    ``tile`` rows (its last one zero-padded); one batched matmul over the tiles, then a sum of each
+    group's tiles. The tiles are a static upper bound, ``A / tile + E``: the arithmetic is the
+    groups' own plus at most one tile each."""
+    A, E = x_AK.shape[0], sizes_E.shape[0]
+    n_tiles = -(-A // tile) + E
+    tiles_E = -(-sizes_E // tile)
+    first_tile_E = jnp.cumsum(tiles_E) - tiles_E
+    first_row_E = jnp.cumsum(sizes_E) - sizes_E
+    t = jnp.arange(n_tiles)
+    group_T = jnp.clip(jnp.searchsorted(jnp.cumsum(tiles_E), t, side="right"), 0, E - 1)
+    within_TI = (t - first_tile_E[group_T])[:, None] * tile + jnp.arange(tile)[None, :]
+    valid_TI = (within_TI < sizes_E[group_T][:, None]) & (t < jnp.sum(tiles_E))[:, None]
+    rows_TI = jnp.where(valid_TI, first_row_E[group_T][:, None] + within_TI, 0)
+    take = lambda y: jnp.where(valid_TI[..., None], y[rows_TI], 0).astype(y.dtype)
+    dw_TKN = jnp.einsum("tik,tin->tkn", take(x_AK), take(dy_AN), preferred_element_type=jnp.float32)
+    return jax.ops.segment_sum(dw_TKN, group_T, num_segments=E, indices_are_sorted=True)
+
+
+def _grouped_matmul_bwd(residuals, dy_AN):
+    x_AK, w_EKN, sizes_E = residuals
+    dy = dy_AN.astype(x_AK.dtype)
+    dx_AK = jax.lax.ragged_dot(dy, jnp.swapaxes(w_EKN, 1, 2), sizes_E, preferred_element_type=jnp.float32)
+    dw_EKN = grouped_weight_grad(x_AK, dy, sizes_E)
+    return dx_AK.astype(x_AK.dtype), dw_EKN.astype(w_EKN.dtype), None
+
+
+grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+
+
 def ragged_dispatch(x_ND, experts_NK, experts: Experts, *, dtype, limit: float):
     """Every assignment's expert output ``[N, K, D]`` (float32), by sorting and grouped matmuls."""
     N, K = experts_NK.shape
@@ -88,7 +135,7 @@ def ragged_dispatch(x_ND, experts_NK, experts: Experts, *, dtype, limit: float):
     order_A = jnp.argsort(flat_A, stable=True)
     sizes_E = jnp.bincount(flat_A, length=E).astype(jnp.int32)
     x_AD = x_ND.astype(dtype)[order_A // K]
-    mm = lambda lhs, w: jax.lax.ragged_dot(lhs, w[...].astype(dtype), sizes_E, preferred_element_type=jnp.float32)
+    mm = lambda lhs, w: grouped_matmul(lhs, w[...].astype(dtype), sizes_E)
     act_AF = swiglu(mm(x_AD, experts.w1), mm(x_AD, experts.w3), limit).astype(dtype)
     y_AD = mm(act_AF, experts.w2)
     inverse_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(N * K, dtype=order_A.dtype))
