@@ -281,6 +281,13 @@ def test_csa_equals_dense_reference_and_empty_rows_are_zero(golden):
     ref, comp_ref = _csa_f64(layer, x[0])
     assert np.abs(np.asarray(out[0]) - ref).max() < 1e-5
     assert np.all(comp_ref[: cfg.csa_stride] == 0)
+    # The training form's compressed path (causal attention over blocks, queries moved a block
+    # earlier) alone: the reference's, and exactly 0 where no block is visible.
+    def compressed(x):
+        q, _, k, v = layer.project(x, jnp.arange(150)[None])
+        return layer.causal_compressed_attention(q, *layer.block_sums(k, v))
+    comp = np.asarray(jax.jit(compressed)(jnp.asarray(x, jnp.float32)))[0].reshape(150, -1)
+    assert np.abs(comp - comp_ref).max() < 1e-5 and np.all(comp[: cfg.csa_stride] == 0.0)
     # The compressed path alone: queries 0..S-1 see no block and give exactly 0 (not NaN, not a mean).
     q = jnp.asarray(rng.normal(size=(1, 8, cfg.n_heads, cfg.head_size)), jnp.float32)
     kv = jnp.asarray(rng.normal(size=(1, 2, cfg.n_kv_heads, cfg.head_size)), jnp.float32)

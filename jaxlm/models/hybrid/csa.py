@@ -105,6 +105,23 @@ class CompressedSparseAttention(GatedAttention):
         visible = blocks_BC[:, None, :] < jnp.floor_divide(positions_BT, self.cfg.csa_stride)[:, :, None]
         return empty_safe_attention(q_BTHK, k, v, visible)
 
+    def causal_compressed_attention(self, q_BTHK, sum_k, sum_v):
+        """The compressed path where every row starts at position 0 (training), as causal attention,
+        so that the fused kernels run it. The ``S`` queries of block ``c`` see blocks ``< c``: made
+        ``S`` times as many heads of one time ``c`` and moved one time earlier, they see keys ``<= c - 1``,
+        which is causal attention; block 0 sees none and gets 0."""
+        B, T, H, K = q_BTHK.shape
+        S, G, n = self.cfg.csa_stride, self.cfg.n_kv_heads, sum_k.shape[1]
+        blocks_BC = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, n))
+        k_BCGK, v_BCGK = self.compress(sum_k, sum_v, blocks_BC, T - 1)
+        # Query heads of one kv head stay together, as grouped-query attention reads them.
+        q = jnp.pad(q_BTHK, [(0, 0), (0, n * S - T), (0, 0), (0, 0)]).reshape(B, n, S, G, H // G, K)
+        q = q.transpose(0, 1, 3, 2, 4, 5).reshape(B, n, G * S * (H // G), K)
+        shift = lambda y, by: jnp.roll(y, by, axis=1).at[:, 0 if by > 0 else -1].set(0)
+        o = shift(layers.causal_attention(shift(q, -1), k_BCGK, v_BCGK, window=None), 1)
+        o = o.reshape(B, n, G, S, H // G, K).transpose(0, 1, 3, 2, 4, 5)
+        return o.reshape(B, n * S, H, K)[:, :T]
+
     def blend(self, x_BTD, local_BTHK, comp_BTHK, gate_BTF):
         b = jax.nn.sigmoid(self.blend_gate(x_BTD).astype(jnp.float32))
         flat = lambda y: y.reshape(gate_BTF.shape).astype(jnp.float32)
@@ -114,11 +131,9 @@ class CompressedSparseAttention(GatedAttention):
         """Training form: every row starts at index 0 (``positions_BT`` only rotate)."""
         if self.as_full:
             return super().__call__(x_BTD, positions_BT)
-        T = x_BTD.shape[1]
         q, gate, k, v = self.project(x_BTD, positions_BT)
         local = layers.causal_attention(q, self.rotate(k, positions_BT), v, window=self.window)
-        index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), x_BTD.shape[:2])
-        comp = self.compressed_attention(q, *self.block_sums(k, v), index_BT, T - 1)
+        comp = self.causal_compressed_attention(q, *self.block_sums(k, v))
         return self.blend(x_BTD, local, comp, gate)
 
     # ---- decoding

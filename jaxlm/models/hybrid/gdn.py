@@ -157,13 +157,16 @@ def recurrent_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV=Non
 
 def causal_conv(u_BTC, w_KC, tail_BKC=None):
     """Depthwise causal conv ``y_t = sum_j w[j] u_{t-K+1+j}`` (a cross-correlation; ``w[K-1]`` weighs
-    the current time), with ``tail`` the ``K - 1`` inputs before ``u`` (zeros if None). float32 out."""
+    the current time), with ``tail`` the ``K - 1`` inputs before ``u`` (zeros if None). float32 out.
+
+    The inputs stay in their dtype and are widened inside the sum, so that under mixed precision
+    the gradient to ``u`` is made in ``u``'s dtype (bf16), not a float32 ``[B, T, C]`` copy."""
     K = w_KC.shape[0]
     B, T, C = u_BTC.shape
     tail = jnp.zeros((B, K - 1, C), u_BTC.dtype) if tail_BKC is None else tail_BKC.astype(u_BTC.dtype)
-    full = jnp.concatenate([tail, u_BTC], axis=1).astype(jnp.float32)
+    full = jnp.concatenate([tail, u_BTC], axis=1)
     w = w_KC.astype(jnp.float32)
-    return sum(w[j] * full[:, j:j + T] for j in range(K))
+    return sum(w[j] * full[:, j:j + T].astype(jnp.float32) for j in range(K))
 
 
 def l2_normalize(x):
