@@ -117,8 +117,9 @@ class CompressedSparseAttention(GatedAttention):
         # Query heads of one kv head stay together, as grouped-query attention reads them.
         q = jnp.pad(q_BTHK, [(0, 0), (0, n * S - T), (0, 0), (0, 0)]).reshape(B, n, S, G, H // G, K)
         q = q.transpose(0, 1, 3, 2, 4, 5).reshape(B, n, G * S * (H // G), K)
-        shift = lambda y, by: jnp.roll(y, by, axis=1).at[:, 0 if by > 0 else -1].set(0)
-        o = shift(layers.causal_attention(shift(q, -1), k_BCGK, v_BCGK, window=None), 1)
+        # ``y`` one time later (by=1) or earlier (by=-1), the time left empty zeroed.
+        moved = lambda y, by: jnp.roll(y, by, axis=1).at[:, 0 if by > 0 else -1].set(0)
+        o = moved(layers.causal_attention(moved(q, -1), k_BCGK, v_BCGK, window=None), 1)
         o = o.reshape(B, n, G, S, H // G, K).transpose(0, 1, 3, 2, 4, 5)
         return o.reshape(B, n * S, H, K)[:, :T]
 
