@@ -13,6 +13,11 @@ import subprocess
 import tempfile
 import threading
 import time
+# pytest's unraisable-exception hook imports tracemalloc when a finalizer raises. While
+# tensorflow_datasets imports its modules, etils replaces ``builtins.__import__`` in every thread;
+# an import made then yields a lazy stand-in, tracemalloc's own imports fail, and pytest turns its
+# failed hook into a test error. Imported here, before TFDS, the hook finds the real module.
+import tracemalloc  # noqa: F401
 
 import pytest
 
