@@ -18,6 +18,7 @@ import time
 # an import made then yields a lazy stand-in, tracemalloc's own imports fail, and pytest turns its
 # failed hook into a test error. Imported here, before TFDS, the hook finds the real module.
 import tracemalloc  # noqa: F401
+from collections.abc import Mapping
 
 import pytest
 
@@ -57,6 +58,17 @@ def fixture_dir(name: str) -> pathlib.Path:
     if not path.is_dir():
         pytest.skip(f"golden fixtures not found at {path} (set JAXLM_FIXTURES to the shared/fixtures folder)")
     return path
+
+
+def subprocess_env(*first: str | os.PathLike, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a process a test starts: ``base`` (default: this process's environment)
+    with ``extra`` set, and PYTHONPATH = ``first``, this checkout, then ``base``'s own entries. The
+    child imports this checkout's jaxlm, not whatever an install elsewhere points at."""
+    env = dict(os.environ if base is None else base)
+    inherited = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    # No empty entry when there were none: an empty entry would put the child's working folder on sys.path.
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, first), str(REPO), *inherited])
+    return {**env, **extra}
 
 
 def read_until(process: subprocess.Popen, done, timeout: float = 300.0, or_end: bool = False) -> list[str]:

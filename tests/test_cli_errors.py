@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, xla_flags
+from conftest import REPO, subprocess_env, xla_flags
 
 VOCAB = 96  # the tiny model's vocabulary
 
@@ -214,8 +214,7 @@ def _alone(rows) -> set[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3",
-            "XLA_FLAGS": xla_flags(None)}
+    return subprocess_env(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=xla_flags(None))
 
 
 def _run_alone(module: str, argv: list[str]) -> dict:
@@ -417,9 +416,8 @@ def test_generation_ends_at_the_tokenizers_own_eos_without_grain(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w7", "bos_token": "</s>"}))
     code = ("import sys, jaxlm; lm = jaxlm.load(sys.argv[1]); "
             "print(lm.eos_id, lm.tokenizer.token_to_id('w7'), 'grain' in sys.modules)")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.pt")], capture_output=True, text=True,
-                          env=env, timeout=120)
+                          env=subprocess_env(JAX_PLATFORMS="cpu"), timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     eos_id, expected, grain_loaded = done.stdout.split()
     assert eos_id == expected and grain_loaded == "False"

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from conftest import subprocess_env
 from jaxlm.config import DataConfig, DataSource
 from jaxlm.data import tokenizer as tokmod
 from jaxlm.data.tokenizer import load_tokenizer, load_tokenizer_for, main, save_tokenizer, train_tokenizer
@@ -129,8 +130,9 @@ def test_trained_file_hash_is_stable_across_processes(tmp_path):
         out = tmp_path / f"t{i}.json"
         subprocess.run([sys.executable, "-m", "jaxlm.data.tokenizer", "train", "--source", str(corpus),
                         "--vocab-size", "330", "--out", str(out)], check=True, capture_output=True, timeout=300,
-                       env={"RAYON_NUM_THREADS": threads, "PYTHONHASHSEED": str(i),
-                            "PATH": "/usr/bin:/bin", "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
+                       # base={}: only what is set here, so the two runs differ in threads and hash seed alone.
+                       env=subprocess_env(base={}, RAYON_NUM_THREADS=threads, PYTHONHASHSEED=str(i),
+                                          PATH="/usr/bin:/bin"))
         digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
     assert len(digests) == 1
 

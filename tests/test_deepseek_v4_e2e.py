@@ -3,7 +3,6 @@ Orbax and back (single file and shards, bit for bit, loadable by name into a PyT
 against the upstream logits, generation with a DeepSeek-form tokenizer, and bad input in one line."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 from flax import nnx
 
 import jaxlm
-from conftest import REPO, fixture_dir, xla_flags
+from conftest import REPO, fixture_dir, subprocess_env, xla_flags
 from jaxlm.errors import CheckpointError, JaxlmError
 from jaxlm.formats import safetensors_file
 from tools.torch_port.__main__ import main as torch_port
@@ -24,8 +23,7 @@ DEEPSEEK_BOS, DEEPSEEK_EOS, DEEPSEEK_PAD = "<｜begin▁of▁sentence｜>", "<�
 
 
 def env():
-    return {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu",
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess_env(XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
 
 
 def cli(*args, timeout=300):

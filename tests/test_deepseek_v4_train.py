@@ -3,7 +3,6 @@ resume bit for bit (router biases included), and the same losses on one device, 
 mesh and on fsdp=8 of fake CPU devices."""
 
 import importlib.util
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO, read_until, xla_flags
+from conftest import REPO, read_until, subprocess_env, xla_flags
 
 # Five training processes (each compiles the train step): an end-to-end run, not a fast test.
 pytestmark = pytest.mark.slow
@@ -25,9 +24,8 @@ MESHES = {"experts4_data2": ("--config.mesh.experts=4", "--config.mesh.data=2"),
 
 def env(devices, cache):
     # One persistent compilation cache for the module: the resumed run reuses the killed run's compiles.
-    return {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess_env(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+                          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def command(out, root, *extra):

@@ -9,7 +9,6 @@ file is user code); the other command lines run their own ``main`` after ``impor
 """
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO, read_until, xla_flags
+from conftest import REPO, read_until, subprocess_env, xla_flags
 import tinygpt_family as tg
 from jaxlm import generate as G
 from jaxlm import models
@@ -184,9 +183,8 @@ def get_config():
 def env(**extra):
     """A fresh process's environment: the family's module on the path and named in JAXLM_FAMILIES,
     which is how a jaxlm command line finds a family that lives outside jaxlm."""
-    return {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu",
-            "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]),
-            "JAXLM_FAMILIES": "tinygpt_family", **extra}
+    return subprocess_env(TESTS, **{"XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu",
+                                    "JAXLM_FAMILIES": "tinygpt_family", **extra})
 
 
 def with_family(module: str, *args) -> list[str]:

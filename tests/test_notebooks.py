@@ -1,12 +1,11 @@
 """Both Colab notebooks run top to bottom on CPU in their tiny setting, with a real executor."""
 
-import os
 import pathlib
 
 import nbformat
 import pytest
 
-from conftest import REPO, xla_flags
+from conftest import REPO, subprocess_env, xla_flags
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +16,7 @@ def test_notebook_runs_in_tiny_setting(name, tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", xla_flags(1))   # the kernel sees one CPU device, as a CPU runtime has
     # The kernel imports this checkout's jaxlm even where no install points at it, so that the
     # install cell never tries to clone REPO_URL (no network in CI: a clone could wait for ever).
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", subprocess_env()["PYTHONPATH"])
     notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "strip outputs"
     parameters = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
